@@ -1,0 +1,199 @@
+"""The ``cdc-sync`` command: wiring, exit statuses, and the only place real collaborators are built.
+
+Exit statuses: 0 done; 1 unexpected error; 3 EngageLab refused the sync (credentials, project);
+69 something outside the config is wrong (database unreachable, table missing, schema behind);
+78 the configuration is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine as SqlEngine
+from sqlalchemy import create_engine, event
+
+from cdc_sync import __version__, logs
+from cdc_sync.config import Settings, load_settings, resolve_config_path
+from cdc_sync.engagelab import CodePolicy, EngageLabClient, Verdict
+from cdc_sync.engine import Engine, EngineSettings
+from cdc_sync.errors import CdcSyncError
+from cdc_sync.report import render_check, render_status
+from cdc_sync.rules import Retry
+from cdc_sync.scheduler import Daemon
+from cdc_sync.source import Source, SourceSpec
+from cdc_sync.state import StateStore
+
+
+@dataclass
+class App:
+    """Everything one sync needs, built from its settings."""
+
+    settings: Settings
+    source: Source
+    state: StateStore
+    client: EngageLabClient | None = None
+
+    def engine(self) -> Engine:
+        s = self.settings
+        if self.client is None:
+            self.client = build_client(s)
+        retry = Retry(s.retry.base, s.retry.max, s.retry.max_attempts)
+        knobs = EngineSettings(s.name, s.source.batch_size, s.source.lookback, retry)
+        return Engine(knobs, self.source, self.state, self.client)
+
+
+def state_engine(url: str) -> SqlEngine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers (status) never block the writer
+            cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL-safe
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+
+
+def source_engine(url: str) -> SqlEngine:
+    if url.startswith("sqlite"):
+        return create_engine(url)
+    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+
+
+def source_spec(s: Settings) -> SourceSpec:
+    src = s.source
+    return SourceSpec(table=src.table, schema=src.schema_, key=src.key, cursor=src.cursor,
+                      euid=src.euid, contacts=dict(s.contacts),
+                      statement_timeout=src.statement_timeout)
+
+
+def build_client(s: Settings) -> EngageLabClient:
+    api = s.engagelab
+    policy = CodePolicy(
+        overrides={code: Verdict(kind) for code, kind in api.codes.items()},
+        unknown=Verdict(api.unknown_code),
+        rate_limit_codes=frozenset(api.rate_limit_codes),
+    )
+    return EngageLabClient(
+        api.base_url, api.api_key, api.api_secret.get_secret_value(),
+        timeout=api.timeout.total_seconds(), concurrency=api.concurrency,
+        rate_limit=api.rate_limit, policy=policy,
+    )
+
+
+@contextmanager
+def open_app(settings: Settings) -> Iterator[App]:
+    source_db = source_engine(settings.source.url)
+    state_db = state_engine(settings.state.url)
+    app = App(settings, Source(source_db, source_spec(settings)), StateStore(state_db, settings.name))
+    try:
+        yield app
+    finally:
+        if app.client is not None:
+            app.client.close()
+        source_db.dispose()
+        state_db.dispose()
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_migrate(app: App, args: argparse.Namespace) -> int:
+    before, head = app.state.schema_revision()
+    app.state.migrate()
+    print(f"tracking tables at revision {head} (were at {before or 'nothing'})")
+    return 0
+
+
+def cmd_once(app: App, args: argparse.Namespace) -> int:
+    app.state.require_schema()
+    app.source.open()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    report = app.engine().run_cycle(stop)
+    c = report.counts
+    print(f"cycle {report.run_id} {report.outcome}: read {c.rows_read}, pushed {c.pushed}, "
+          f"unchanged {c.unchanged}, retrying {c.retrying}, deferred {c.deferred}, "
+          f"failed {c.failed}, skipped {c.skipped}")
+    return 0
+
+
+def cmd_run(app: App, args: argparse.Namespace) -> int:
+    app.state.require_schema()
+    app.source.open()
+    return Daemon(app.engine(), app.settings.schedule.interval).run()
+
+
+def cmd_status(app: App, args: argparse.Namespace) -> int:
+    app.state.require_schema()
+    print(render_status(app.settings.name, app.state, limit=args.limit))
+    return 0
+
+
+def cmd_check(app: App, args: argparse.Namespace) -> int:
+    app.source.open()
+    current, head = app.state.schema_revision()
+    text, ok = render_check(app.settings, app.source, current, head)
+    print(text)
+    return 0 if ok else 69
+
+
+COMMANDS = {
+    "migrate": (cmd_migrate, "create or upgrade the tracking tables (alembic upgrade head)"),
+    "once": (cmd_once, "run one sync cycle, then exit"),
+    "run": (cmd_run, "run the daemon: a cycle every schedule.interval until SIGTERM"),
+    "status": (cmd_status, "show the watermark, recent runs, counts by status, recent failures"),
+    "check": (cmd_check, "validate the config and the databases; say which index to create"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cdc-sync", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"cdc-sync {__version__}")
+    p.add_argument("-c", "--config", help="config file (default: $CDC_SYNC_CONFIG or ./config.yaml)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, text) in COMMANDS.items():
+        command = sub.add_parser(name, help=text, description=text)
+        if name == "status":
+            command.add_argument("--limit", type=int, default=10, help="rows per section")
+    sub.add_parser("emulator", help="run the EngageLab emulator (for tests and demos)",
+                   add_help=False)
+    sub.add_parser("demo", help="run the demo on embedded defaults", add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The emulator and the demo take their own arguments.
+    if argv and argv[0] == "emulator":
+        from cdc_sync import emulator
+        return emulator.main(argv[1:])
+    if argv and argv[0] == "demo":
+        from cdc_sync import demo
+        return demo.main(argv[1:])
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings(resolve_config_path(args.config, os.environ), os.environ)
+        logs.configure(settings.logging.level, settings.logging.format)
+        handler = COMMANDS[args.command][0]
+        with open_app(settings) as app:
+            return handler(app, args)
+    except CdcSyncError as exc:
+        print(f"cdc-sync: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

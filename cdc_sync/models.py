@@ -1,0 +1,106 @@
+"""The tracking tables, as SQLAlchemy Core metadata. Alembic migrations create them; tests check
+that the migrations and this module never drift apart.
+
+They live in the state database only, never in the source. They hold hashes of payloads, not the
+contact values themselves.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend (SQLite stores no zone; we put UTC back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+sync_state = Table(
+    "cdc_sync_state",
+    metadata,
+    Column("sync_name", String(64), primary_key=True),
+    Column("cursor_value", Text, comment="watermark cursor, type-tagged JSON"),
+    Column("key_value", Text, comment="watermark key, type-tagged JSON"),
+    Column("updated_at", UtcDateTime, nullable=False),
+    comment="Per sync: the watermark, the last (cursor, key) whose outcome is recorded.",
+)
+
+sync_status = Table(
+    "cdc_sync_status",
+    metadata,
+    Column("sync_name", String(64), primary_key=True),
+    Column("source_key", String(256), primary_key=True),
+    Column("euid", BigInteger),
+    Column("status", String(16), nullable=False, comment="synced | retrying | failed | skipped"),
+    Column("pushed_hash", String(64), comment="hash of the last payload EngageLab accepted"),
+    Column("attempted_hash", String(64), comment="hash of the payload of the last outcome"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_code", Integer, comment="EngageLab's code of the last answer, if any"),
+    Column("last_message", Text),
+    Column("first_seen_at", UtcDateTime, nullable=False),
+    Column("last_attempt_at", UtcDateTime),
+    Column("last_success_at", UtcDateTime),
+    Column("next_attempt_at", UtcDateTime),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index(None, "sync_name", "status", "next_attempt_at"),
+    Index(None, "sync_name", "updated_at"),
+    comment="One row per user: what reached EngageLab, when, and why not.",
+)
+
+sync_runs = Table(
+    "cdc_sync_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("sync_name", String(64), nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("finished_at", UtcDateTime),
+    Column("outcome", String(16), nullable=False, comment="running | ok | stopped | fatal | error"),
+    Column("rows_read", Integer, nullable=False, server_default="0"),
+    Column("pushed", Integer, nullable=False, server_default="0"),
+    Column("unchanged", Integer, nullable=False, server_default="0"),
+    Column("retrying", Integer, nullable=False, server_default="0"),
+    Column("deferred", Integer, nullable=False, server_default="0"),
+    Column("failed", Integer, nullable=False, server_default="0"),
+    Column("skipped", Integer, nullable=False, server_default="0"),
+    Column("watermark_before", Text),
+    Column("watermark_after", Text),
+    Column("error", Text),
+    Index(None, "sync_name", "started_at"),
+    comment="One row per cycle.",
+)

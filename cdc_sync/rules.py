@@ -1,0 +1,179 @@
+"""The decisions of a sync, as pure functions over plain values.
+
+* :func:`decide` — given a mapped row and what the status table says about that user, what to do;
+* :func:`settle` — given that decision and the API's answer, the user's new status row;
+* :func:`backoff` — when a transiently failed user is tried again;
+* :func:`advance` — how far the watermark may move after a page.
+
+None of these touch a database or the network, so they are pinned by tables and properties.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from cdc_sync.engagelab import ApiResult, Verdict
+from cdc_sync.mapping import Mapped, Skip
+
+
+class Status(StrEnum):
+    """A user's state in the sync-status table."""
+
+    SYNCED = "synced"  # EngageLab holds the payload whose hash is ``pushed_hash``
+    RETRYING = "retrying"  # a transient failure; tried again at ``next_attempt_at``
+    FAILED = "failed"  # a permanent failure, or too many transient ones; waits for a change
+    SKIPPED = "skipped"  # nothing to push (bad euid, no contacts); waits for a change
+
+
+class Action(StrEnum):
+    """What one cycle does with one row."""
+
+    PUSH = "push"  # send it
+    UNCHANGED = "unchanged"  # nothing new since the last outcome: no call, no write
+    DEFER = "defer"  # a retry is pending and not due; the retry queue will send it
+    SKIP = "skip"  # record why it is not sent, no call
+    CONFIRM = "confirm"  # the row came back to what EngageLab already holds: mark synced, no call
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What the sync-status table holds about one user (the part decisions need)."""
+
+    status: Status
+    pushed_hash: str | None
+    attempted_hash: str | None
+    attempts: int
+    next_attempt_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """The backoff policy for transient failures."""
+
+    base: timedelta
+    cap: timedelta
+    max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """A user's new status row. ``None`` in a ``*_at``/hash field means: keep what is stored."""
+
+    key: str
+    euid: int | None
+    status: Status
+    pushed_hash: str | None
+    attempted_hash: str
+    attempts: int
+    last_code: int | None
+    last_message: str
+    attempted_at: datetime | None
+    succeeded_at: datetime | None
+    next_attempt_at: datetime | None
+
+
+def decide(mapped: Mapped, record: Record | None, now: datetime, *, retrying: bool = False) -> Action:
+    """What to do with a row. ``retrying`` is set when the row was re-read for a due retry."""
+    h = mapped.hash
+    if isinstance(mapped.result, Skip):
+        if record and record.status is Status.SKIPPED and record.attempted_hash == h:
+            return Action.UNCHANGED
+        return Action.SKIP
+    if record is None:
+        return Action.PUSH
+    if record.pushed_hash == h:
+        return Action.UNCHANGED if record.status is Status.SYNCED else Action.CONFIRM
+    if record.attempted_hash == h:
+        if record.status is Status.FAILED:
+            return Action.UNCHANGED
+        if record.status is Status.RETRYING and not retrying:
+            due = record.next_attempt_at is None or record.next_attempt_at <= now
+            return Action.PUSH if due else Action.DEFER
+    return Action.PUSH
+
+
+def backoff(attempts: int, policy: Retry, jitter: float) -> timedelta:
+    """Delay before attempt ``attempts + 1``: doubling from ``base``, capped, with equal jitter.
+
+    ``jitter`` in [0, 1) spreads the delay over its upper half so users that failed together do
+    not all come back in the same second.
+    """
+    exponent = min(max(attempts - 1, 0), 32)
+    delay = min(policy.base * (2**exponent), policy.cap)
+    return delay * (0.5 + jitter / 2)
+
+
+def settle(
+    key: str,
+    mapped: Mapped,
+    action: Action,
+    record: Record | None,
+    result: ApiResult | None,
+    now: datetime,
+    policy: Retry,
+    jitter: float = 0.0,
+) -> Update | None:
+    """The new status row for ``key``, or None when nothing needs writing.
+
+    ``result`` is the API's answer for a PUSH; a PUSH without one (never sent, because the cycle
+    stopped on a fatal answer) or refused for the whole sync writes nothing, so the row is read
+    again next cycle.
+    """
+    h = mapped.hash
+    euid = mapped.euid
+    pushed = record.pushed_hash if record else None
+    if action in (Action.UNCHANGED, Action.DEFER):
+        return None
+    if action is Action.SKIP:
+        assert isinstance(mapped.result, Skip)
+        return Update(key, euid, Status.SKIPPED, pushed, h, 0, None, mapped.result.reason,
+                      None, None, None)
+    if action is Action.CONFIRM:
+        return Update(key, euid, Status.SYNCED, pushed, h, 0, None, "unchanged since last push",
+                      None, None, None)
+    if result is None or result.verdict is Verdict.FATAL:
+        return None  # not this user's doing: read the row again once the sync may proceed
+    prior = record.attempts if record and record.attempted_hash == h else 0
+    message = result.message or result.verdict.value
+    if result.verdict is Verdict.SUCCESS:
+        return Update(key, euid, Status.SYNCED, h, h, 0, result.code, message, now, now, None)
+    attempts = prior + 1
+    if result.verdict is Verdict.TRANSIENT and attempts < policy.max_attempts:
+        delay = backoff(attempts, policy, jitter)
+        if result.retry_after is not None:
+            delay = max(delay, timedelta(seconds=result.retry_after))
+        return Update(key, euid, Status.RETRYING, pushed, h, attempts, result.code, message,
+                      now, None, now + delay)
+    if result.verdict is Verdict.TRANSIENT:
+        message = f"gave up after {attempts} attempts: {message}"
+    return Update(key, euid, Status.FAILED, pushed, h, attempts, result.code, message,
+                  now, None, None)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A place in the source's ``(cursor, key)`` order."""
+
+    cursor: Any
+    key: Any
+
+
+def advance(current: Position | None, page: Sequence[Position], recorded: Sequence[bool]) -> Position | None:
+    """The watermark after a page: the last row of the longest fully recorded prefix, never lower.
+
+    ``page`` is in ``(cursor, key)`` order and ``recorded[i]`` says whether row i's outcome is
+    durable. A row that was not recorded (the cycle stopped before it was sent) holds the watermark
+    before it, so it is read again; rows after it that were recorded are re-read and found
+    unchanged, at the cost of a hash comparison.
+    """
+    best = current
+    for position, done in zip(page, recorded, strict=True):
+        if not done:
+            break
+        if best is None or (position.cursor, position.key) > (best.cursor, best.key):
+            best = position
+    return best

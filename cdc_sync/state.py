@@ -1,0 +1,305 @@
+"""The state store: the only code that reads and writes the tracking tables.
+
+Every page is committed in one transaction: the outcomes of its rows (one upsert statement) and
+the watermark that moves over them. A crash between pages therefore loses nothing: either the page's
+outcomes and its watermark are both durable, or neither is and the page is read again.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, case, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+
+from cdc_sync.errors import StateError
+from cdc_sync.models import sync_runs, sync_state, sync_status
+from cdc_sync.rules import Position, Record, Status, Update
+
+
+def migrations_dir() -> Path:
+    """Where the alembic scripts are: inside the installed package, or beside it in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "migrations", here.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise StateError("the migration scripts are missing from this installation",
+                     "reinstall cdc-sync")
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.attributes["connection"] = connection
+    return config
+
+
+# Watermark values keep their type through the database: "int:42", "datetime:2026-01-01T00:00:00".
+_DECODERS: dict[str, Any] = {
+    "int": int,
+    "str": str,
+    "decimal": Decimal,
+    "datetime": datetime.fromisoformat,
+    "date": date.fromisoformat,
+    "uuid": uuid.UUID,
+}
+
+
+def encode_value(value: Any) -> str:
+    """A type-tagged text form of a cursor or key value, decoded exactly by :func:`decode_value`."""
+    if isinstance(value, bool):
+        raise TypeError("a boolean cannot be a cursor or key")
+    for tag, kind in (("int", int), ("str", str), ("decimal", Decimal), ("datetime", datetime),
+                      ("date", date), ("uuid", uuid.UUID)):
+        if isinstance(value, kind):
+            text = value.isoformat() if isinstance(value, date) else str(value)
+            return f"{tag}:{text}"
+    raise TypeError(f"cannot store a {type(value).__name__} as a watermark")
+
+
+def decode_value(text: str) -> Any:
+    tag, _, raw = text.partition(":")
+    return _DECODERS[tag](raw)
+
+
+def describe(position: Position | None) -> str | None:
+    """A human form of a watermark for run history and status output."""
+    if position is None:
+        return None
+    return json.dumps([_plain(position.cursor), _plain(position.key)])
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, int | str) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class RunCounts:
+    """What one cycle did, row by row."""
+
+    rows_read: int = 0
+    pushed: int = 0
+    unchanged: int = 0
+    retrying: int = 0
+    deferred: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.names()}
+
+
+class StateStore:
+    """The tracking tables of one sync (``sync_name``) in the state database."""
+
+    def __init__(self, engine: Engine, sync_name: str) -> None:
+        self.engine = engine
+        self.sync_name = sync_name
+        dialect = engine.dialect.name
+        if dialect not in ("sqlite", "postgresql"):
+            raise StateError(f"the tracking database must be SQLite or PostgreSQL, not {dialect}")
+        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def migrate(self, revision: str = "head") -> None:
+        with self._connect() as connection, connection.begin():
+            command.upgrade(alembic_config(connection), revision)
+
+    def downgrade(self, revision: str) -> None:
+        with self._connect() as connection, connection.begin():
+            command.downgrade(alembic_config(connection), revision)
+
+    def schema_revision(self) -> tuple[str | None, str | None]:
+        """(current revision of the database, latest revision shipped)."""
+        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+        with self._connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+        return current, head
+
+    def require_schema(self) -> None:
+        """Raise :class:`StateError` unless the tracking tables are at the latest migration."""
+        current, head = self.schema_revision()
+        if current != head:
+            state = "has no tracking tables" if current is None else f"is at revision {current}"
+            raise StateError(
+                f"the tracking database {self._where()} {state}, but this cdc-sync needs {head}",
+                "run `cdc-sync migrate`",
+            )
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def watermark(self) -> Position | None:
+        with self._connect() as connection:
+            row = connection.execute(
+                select(sync_state.c.cursor_value, sync_state.c.key_value).where(
+                    sync_state.c.sync_name == self.sync_name
+                )
+            ).first()
+        if row is None or row.cursor_value is None:
+            return None
+        return Position(decode_value(row.cursor_value), decode_value(row.key_value))
+
+    def records(self, keys: Sequence[str]) -> dict[str, Record]:
+        """The status rows of ``keys``, in one query."""
+        if not keys:
+            return {}
+        c = sync_status.c
+        query = select(c.source_key, c.status, c.pushed_hash, c.attempted_hash, c.attempts,
+                       c.next_attempt_at).where(c.sync_name == self.sync_name,
+                                                c.source_key.in_(keys))
+        with self._connect() as connection:
+            return {
+                row.source_key: Record(Status(row.status), row.pushed_hash, row.attempted_hash,
+                                       row.attempts, row.next_attempt_at)
+                for row in connection.execute(query)
+            }
+
+    def due_retries(self, now: datetime, limit: int) -> list[str]:
+        """Keys of users whose transient failure is due for another attempt, oldest first."""
+        c = sync_status.c
+        query = (
+            select(c.source_key)
+            .where(c.sync_name == self.sync_name, c.status == Status.RETRYING.value,
+                   c.next_attempt_at <= now)
+            .order_by(c.next_attempt_at, c.source_key)
+            .limit(limit)
+        )
+        with self._connect() as connection:
+            return list(connection.scalars(query))
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def commit_page(self, updates: Sequence[Update], watermark: Position | None, now: datetime) -> None:
+        """Record a page's outcomes and move the watermark, in one transaction."""
+        with self._connect() as connection, connection.begin():
+            if updates:
+                connection.execute(self._upsert_status(), [self._row(u, now) for u in updates])
+            if watermark is not None:
+                self._store_watermark(connection, watermark, now)
+
+    def _upsert_status(self) -> Any:
+        stmt = self._insert(sync_status)
+        new, old = stmt.excluded, sync_status.c
+        keep_if_null = ("euid", "pushed_hash", "last_attempt_at", "last_success_at")
+        changes = {name: func.coalesce(new[name], old[name]) for name in keep_if_null}
+        for name in ("status", "attempted_hash", "attempts", "last_code", "last_message",
+                     "next_attempt_at", "updated_at"):
+            changes[name] = new[name]
+        return stmt.on_conflict_do_update(index_elements=[old.sync_name, old.source_key], set_=changes)
+
+    def _row(self, u: Update, now: datetime) -> dict[str, Any]:
+        return {
+            "sync_name": self.sync_name, "source_key": u.key, "euid": u.euid,
+            "status": u.status.value, "pushed_hash": u.pushed_hash,
+            "attempted_hash": u.attempted_hash, "attempts": u.attempts, "last_code": u.last_code,
+            "last_message": u.last_message, "first_seen_at": now,
+            "last_attempt_at": u.attempted_at, "last_success_at": u.succeeded_at,
+            "next_attempt_at": u.next_attempt_at, "updated_at": now,
+        }
+
+    def _store_watermark(self, connection: Connection, position: Position, now: datetime) -> None:
+        values = {"cursor_value": encode_value(position.cursor),
+                  "key_value": encode_value(position.key), "updated_at": now}
+        stmt = self._insert(sync_state).values(sync_name=self.sync_name, **values)
+        connection.execute(stmt.on_conflict_do_update(index_elements=[sync_state.c.sync_name],
+                                                      set_=values))
+
+    def reset_watermark(self) -> None:
+        with self._connect() as connection, connection.begin():
+            connection.execute(sync_state.delete().where(sync_state.c.sync_name == self.sync_name))
+
+    def start_run(self, now: datetime, watermark: Position | None) -> int:
+        with self._connect() as connection, connection.begin():
+            result = connection.execute(
+                insert(sync_runs).values(sync_name=self.sync_name, started_at=now,
+                                         outcome="running", watermark_before=describe(watermark))
+            )
+            run_id = result.inserted_primary_key
+            assert run_id is not None
+            return int(run_id[0])
+
+    def finish_run(self, run_id: int, now: datetime, outcome: str, counts: RunCounts,
+                   watermark: Position | None, error: str | None = None) -> None:
+        with self._connect() as connection, connection.begin():
+            connection.execute(
+                update(sync_runs).where(sync_runs.c.id == run_id).values(
+                    finished_at=now, outcome=outcome, watermark_after=describe(watermark),
+                    error=error, **counts.as_dict(),
+                )
+            )
+
+    # -- operator views -------------------------------------------------------------------
+
+    def counts_by_status(self) -> dict[str, int]:
+        c = sync_status.c
+        query = (select(c.status, func.count()).where(c.sync_name == self.sync_name)
+                 .group_by(c.status))
+        with self._connect() as connection:
+            return {status: count for status, count in connection.execute(query).tuples()}
+
+    def recent_runs(self, limit: int = 10) -> list[dict[str, Any]]:
+        query = (select(sync_runs).where(sync_runs.c.sync_name == self.sync_name)
+                 .order_by(sync_runs.c.id.desc()).limit(limit))
+        with self._connect() as connection:
+            return [dict(row._mapping) for row in connection.execute(query)]
+
+    def recent_problems(self, limit: int = 10) -> list[dict[str, Any]]:
+        """Users that did not reach EngageLab, most recent first: failed, retrying, skipped."""
+        c = sync_status.c
+        rank = case({"failed": 0, "retrying": 1, "skipped": 2}, value=c.status)
+        query = (
+            select(c.source_key, c.euid, c.status, c.attempts, c.last_code, c.last_message,
+                   c.last_attempt_at, c.next_attempt_at, c.updated_at)
+            .where(c.sync_name == self.sync_name, c.status != Status.SYNCED.value)
+            .order_by(rank, c.updated_at.desc(), c.source_key)
+            .limit(limit)
+        )
+        with self._connect() as connection:
+            return [dict(row._mapping) for row in connection.execute(query)]
+
+    def status_of(self, key: str) -> dict[str, Any] | None:
+        c = sync_status.c
+        with self._connect() as connection:
+            row = connection.execute(
+                select(sync_status).where(c.sync_name == self.sync_name, c.source_key == key)
+            ).first()
+        return dict(row._mapping) if row else None
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as connection:
+                yield connection
+        except SQLAlchemyError as exc:
+            raise StateError(
+                f"the tracking database {self._where()} failed: {_first_line(exc)}",
+                "check state.url and that the database is reachable and migrated",
+            ) from exc
+
+    def _where(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__

@@ -1,0 +1,230 @@
+"""Classification of EngageLab answers, and the client against the emulator over real HTTP."""
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from cdc_sync.emulator import Emulator, EmulatorServer, Faults
+from cdc_sync.engagelab import (
+    ApiResult,
+    CodePolicy,
+    EngageLabClient,
+    TokenBucket,
+    Verdict,
+    classify,
+    parse_retry_after,
+)
+from cdc_sync.mapping import Payload
+
+T, P, F, S = Verdict.TRANSIENT, Verdict.PERMANENT, Verdict.FATAL, Verdict.SUCCESS
+
+
+def body(code: object, message: str = "m") -> bytes:
+    return json.dumps({"code": code, "message": message}).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "raw", "verdict", "code"),
+    [
+        (200, body(0, "success"), S, 0),
+        (400, body(0), T, 0),  # success code with an error status: do not believe it
+        (401, body(40050), F, 40050),
+        (200, body(50031), F, 50031),
+        (400, body(50034), F, 50034),
+        (400, body(50074), F, 50074),
+        (400, body(40007), P, 40007),
+        (400, body(55108), P, 55108),
+        (400, body(55004), P, 55004),
+        (400, body(55102), P, 55102),
+        (400, body(55103), P, 55103),
+        (400, body(55014), P, 55014),
+        (500, body(-1), T, -1),
+        (200, body(-1), T, -1),
+        (500, body(55004), P, 55004),  # the body's code decides before the status
+        (400, body(99999), P, 99999),  # unknown: permanent by default
+        (503, body(99999), T, 99999),
+        (403, body(99999), F, 99999),
+        (429, body(99999), T, 99999),
+        (401, b"<html>nope</html>", F, None),
+        (403, b"", F, None),
+        (503, b"<html>bad gateway</html>", T, None),
+        (200, b"not json", T, None),
+        (200, b"[1, 2]", T, None),
+        (200, body("0"), T, None),  # a code that is not an integer is not an answer
+        (200, body(True), T, None),
+        (429, b"", T, None),
+    ],
+)
+def test_classify(status: int, raw: bytes, verdict: Verdict, code: int | None) -> None:
+    """Every answer gets exactly one verdict, the body's code first and the HTTP status second."""
+    result = classify(status, raw)
+
+    assert (result.verdict, result.code, result.status) == (verdict, code, status)
+
+
+def test_classify_overrides_and_unknown_policy() -> None:
+    """Configured overrides win over the built-in table; unknown codes follow the policy."""
+    policy = CodePolicy(overrides={55004: T, 12345: F}, unknown=T)
+
+    assert classify(400, body(55004), policy=policy).verdict is T
+    assert classify(400, body(12345), policy=policy).verdict is F
+    assert classify(400, body(777), policy=policy).verdict is T
+
+
+def test_rate_limit_codes_are_throttling() -> None:
+    """A configured rate-limit business code is transient and flagged as throttling."""
+    result = classify(400, body(4290), "7", CodePolicy(rate_limit_codes=frozenset({4290})))
+
+    assert (result.verdict, result.throttled, result.retry_after) == (T, True, 7.0)
+
+
+def test_429_is_throttling_with_retry_after() -> None:
+    """HTTP 429 is a throttling signal and carries Retry-After."""
+    result = classify(429, b"", "3")
+
+    assert (result.verdict, result.throttled, result.retry_after) == (T, True, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [(None, None), ("", None), ("5", 5.0), (" 12 ", 12.0), ("soon", None),
+     ("Sat, 28 Nov 2026 12:00:30 GMT", 30.0), ("Sat, 28 Nov 2026 11:00:00 GMT", 0.0)],
+)
+def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
+    """Retry-After is read as delta-seconds or an HTTP date, never negative."""
+    assert parse_retry_after(header, datetime(2026, 11, 28, 12, 0, tzinfo=UTC)) == seconds
+
+
+def test_message_is_truncated() -> None:
+    """An API message is kept short enough to store."""
+    assert len(classify(400, body(55004, "x" * 1000)).message) == 200
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_spaces_requests_evenly() -> None:
+    """At rate R, the n-th immediate request waits (n-1)/R seconds."""
+    clock = FakeClock()
+    bucket = TokenBucket(10.0, clock)
+
+    waits = [bucket.reserve() for _ in range(4)]
+
+    assert waits == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+def test_token_bucket_does_not_bank_idle_time() -> None:
+    """After an idle period requests are still paced, not released as a burst."""
+    clock = FakeClock()
+    bucket = TokenBucket(10.0, clock)
+    bucket.reserve()
+    clock.now += 60
+
+    waits = [bucket.reserve() for _ in range(3)]
+
+    assert waits == pytest.approx([0.0, 0.1, 0.2])
+
+
+def test_token_bucket_pause_holds_every_later_request() -> None:
+    """A pause (Retry-After) delays every request reserved after it."""
+    clock = FakeClock()
+    bucket = TokenBucket(None, clock)
+    bucket.pause(5)
+
+    assert bucket.reserve() == pytest.approx(5.0)
+    assert bucket.reserve() == pytest.approx(5.0)  # no rate limit: only the pause applies
+
+
+@pytest.fixture
+def emulator() -> Emulator:
+    return Emulator("key", "secret")
+
+
+@pytest.fixture
+def server(emulator: Emulator):  # type: ignore[no-untyped-def]
+    with EmulatorServer(emulator) as running:
+        yield running
+
+
+def client(url: str, secret: str = "secret", **options: object) -> EngageLabClient:
+    return EngageLabClient(url, "key", secret, **options)  # type: ignore[arg-type]
+
+
+def test_push_all_sends_each_payload_once(server: EmulatorServer, emulator: Emulator) -> None:
+    """Every payload of a page reaches EngageLab once, with Basic auth and an integer euid."""
+    payloads = [Payload(100 + i, {"email": f"u{i}@example.com"}) for i in range(20)]
+
+    with client(server.url, concurrency=4) as api:
+        results = api.push_all(payloads)
+
+    assert [r.verdict if r else None for r in results] == [S] * 20
+    assert emulator.contacts == {100 + i: {"email": f"u{i}@example.com"} for i in range(20)}
+    assert emulator.stats()["accepted"] == 20
+
+
+def test_fatal_answer_stops_new_requests(server: EmulatorServer, emulator: Emulator) -> None:
+    """After a fatal answer no further request starts; unsent payloads come back as None."""
+    payloads = [Payload(100 + i, {"email": "a@b.c"}) for i in range(50)]
+
+    with client(server.url, secret="wrong", concurrency=2) as api:
+        results = api.push_all(payloads)
+
+    sent = [r for r in results if r is not None]
+    assert all(r.verdict is F and r.code == 40050 for r in sent)
+    assert 1 <= len(sent) <= 2  # at most the requests already in flight
+    assert emulator.stats()["requests"] == len(sent)
+
+
+def test_per_user_codes_do_not_stop_the_page(server: EmulatorServer, emulator: Emulator) -> None:
+    """A permanent failure for one user leaves the others unaffected."""
+    emulator.set_faults(Faults(fail_codes={101: 55004}))
+
+    with client(server.url) as api:
+        results = api.push_all([Payload(100, {"email": "a@b.c"}), Payload(101, {"email": "b@b.c"}),
+                                Payload(102, {"email": "c@b.c"})])
+
+    assert [(r.verdict, r.code) for r in results if r] == [(S, 0), (P, 55004), (S, 0)]
+
+
+@pytest.mark.parametrize(
+    ("faults", "message"),
+    [
+        (Faults(error_rate=1.0), "HTTP 503, body is not an API answer"),
+        (Faults(server_error_rate=1.0), "internal error"),
+        (Faults(drop_rate=1.0), "connection failed: RemoteProtocolError"),
+    ],
+)
+def test_server_faults_are_transient(server: EmulatorServer, emulator: Emulator, faults: Faults,
+                                     message: str) -> None:
+    """Proxy pages, code -1 and dropped connections all come back as transient results."""
+    emulator.set_faults(faults)
+
+    with client(server.url) as api:
+        [result] = api.push_all([Payload(100, {"email": "a@b.c"})])
+
+    assert result == ApiResult(T, result.code, result.status, message)
+
+
+def test_timeout_is_transient(server: EmulatorServer, emulator: Emulator) -> None:
+    """A request that outlives the timeout is a transient failure, not an exception."""
+    emulator.set_faults(Faults(latency=2.0))
+
+    with client(server.url, timeout=0.05) as api:
+        [result] = api.push_all([Payload(100, {"email": "a@b.c"})])
+
+    assert result == ApiResult(T, None, None, "request timed out")
+
+
+def test_unreachable_server_is_transient() -> None:
+    """Nothing listening is a transient failure."""
+    with client("http://127.0.0.1:9") as api:
+        [result] = api.push_all([Payload(100, {"email": "a@b.c"})])
+
+    assert result is not None and result.verdict is T
+    assert result.message.startswith("connection failed")
