@@ -73,9 +73,15 @@ def source_engine(url: str) -> SqlEngine:
 
 def source_spec(s: Settings) -> SourceSpec:
     src = s.source
-    return SourceSpec(table=src.table, schema=src.schema_, key=src.key, cursor=src.cursor,
-                      euid=src.euid, contacts=dict(s.contacts),
-                      statement_timeout=src.statement_timeout)
+    return SourceSpec(
+        table=src.table,
+        schema=src.schema_,
+        key=src.key,
+        cursor=src.cursor,
+        euid=src.euid,
+        contacts={key: column for key, column in s.contacts.items()},
+        statement_timeout=src.statement_timeout,
+    )
 
 
 def build_client(s: Settings) -> EngageLabClient:
@@ -86,9 +92,13 @@ def build_client(s: Settings) -> EngageLabClient:
         rate_limit_codes=frozenset(api.rate_limit_codes),
     )
     return EngageLabClient(
-        api.base_url, api.api_key, api.api_secret.get_secret_value(),
-        timeout=api.timeout.total_seconds(), concurrency=api.concurrency,
-        rate_limit=api.rate_limit, policy=policy,
+        api.base_url,
+        api.api_key,
+        api.api_secret.get_secret_value(),
+        timeout=api.timeout.total_seconds(),
+        concurrency=api.concurrency,
+        rate_limit=api.rate_limit,
+        policy=policy,
     )
 
 
@@ -96,7 +106,9 @@ def build_client(s: Settings) -> EngageLabClient:
 def open_app(settings: Settings) -> Iterator[App]:
     source_db = source_engine(settings.source.url)
     state_db = state_engine(settings.state.url)
-    app = App(settings, Source(source_db, source_spec(settings)), StateStore(state_db, settings.name))
+    app = App(
+        settings, Source(source_db, source_spec(settings)), StateStore(state_db, settings.name)
+    )
     try:
         yield app
     finally:
@@ -124,9 +136,11 @@ def cmd_once(app: App, args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     report = app.engine().run_cycle(stop)
     c = report.counts
-    print(f"cycle {report.run_id} {report.outcome}: read {c.rows_read}, pushed {c.pushed}, "
-          f"unchanged {c.unchanged}, retrying {c.retrying}, deferred {c.deferred}, "
-          f"failed {c.failed}, skipped {c.skipped}")
+    print(
+        f"cycle {report.run_id} {report.outcome}: read {c.rows_read}, pushed {c.pushed}, "
+        f"unchanged {c.unchanged}, retrying {c.retrying}, deferred {c.deferred}, "
+        f"failed {c.failed}, skipped {c.skipped}"
+    )
     return 0
 
 
@@ -162,14 +176,17 @@ COMMANDS = {
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cdc-sync", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"cdc-sync {__version__}")
-    p.add_argument("-c", "--config", help="config file (default: $CDC_SYNC_CONFIG or ./config.yaml)")
+    p.add_argument(
+        "-c", "--config", help="config file (default: $CDC_SYNC_CONFIG or ./config.yaml)"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, text) in COMMANDS.items():
         command = sub.add_parser(name, help=text, description=text)
         if name == "status":
             command.add_argument("--limit", type=int, default=10, help="rows per section")
-    sub.add_parser("emulator", help="run the EngageLab emulator (for tests and demos)",
-                   add_help=False)
+    sub.add_parser(
+        "emulator", help="run the EngageLab emulator (for tests and demos)", add_help=False
+    )
     sub.add_parser("demo", help="run the demo on embedded defaults", add_help=False)
     return p
 
@@ -179,9 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The emulator and the demo take their own arguments.
     if argv and argv[0] == "emulator":
         from cdc_sync import emulator
+
         return emulator.main(argv[1:])
     if argv and argv[0] == "demo":
         from cdc_sync import demo
+
         return demo.main(argv[1:])
     args = parser().parse_args(argv)
     try:

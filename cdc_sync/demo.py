@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import (
-    BigInteger,
     Column,
     DateTime,
     Integer,
@@ -60,7 +59,8 @@ logging:
 
 def users_table(metadata: MetaData) -> Table:
     return Table(
-        "users", metadata,
+        "users",
+        metadata,
         Column("id", Integer, primary_key=True),
         Column("name", String(100), nullable=False),
         Column("email", String(200)),
@@ -77,9 +77,15 @@ def seed(url: str, now: datetime) -> Table:
     users = users_table(metadata)
     metadata.create_all(engine)
     rows = [
-        {"id": i, "name": f"User {i}", "email": f"user{i}@example.com",
-         "mobile": f"+8190{i:08d}" if i % 2 else None, "whatsapp": f"+8180{i:08d}" if i % 3 == 0 else None,
-         "engagelab_euid": str(10_000_000 + i), "updated_at": now - timedelta(minutes=30 - i)}
+        {
+            "id": i,
+            "name": f"User {i}",
+            "email": f"user{i}@example.com",
+            "mobile": f"+8190{i:08d}" if i % 2 else None,
+            "whatsapp": f"+8180{i:08d}" if i % 3 == 0 else None,
+            "engagelab_euid": str(10_000_000 + i),
+            "updated_at": now - timedelta(minutes=30 - i),
+        }
         for i in range(1, 13)
     ]
     rows[10]["engagelab_euid"] = "not-a-number"  # user 11: recorded as skipped, never sent
@@ -93,12 +99,21 @@ def seed(url: str, now: datetime) -> Table:
 def edit(url: str, users: Table, now: datetime) -> None:
     engine = create_engine(url)
     with engine.begin() as connection:
-        connection.execute(update(users).where(users.c.id == 3)
-                           .values(email="new.address@example.com", updated_at=now))
-        connection.execute(update(users).where(users.c.id == 5)  # unrelated column: no API call
-                           .values(name="Renamed User", updated_at=now))
-        connection.execute(update(users).where(users.c.id == 11)  # euid fixed: now it is sent
-                           .values(engagelab_euid="10000011", updated_at=now))
+        connection.execute(
+            update(users)
+            .where(users.c.id == 3)
+            .values(email="new.address@example.com", updated_at=now)
+        )
+        connection.execute(
+            update(users)
+            .where(users.c.id == 5)  # unrelated column: no API call
+            .values(name="Renamed User", updated_at=now)
+        )
+        connection.execute(
+            update(users)
+            .where(users.c.id == 11)  # euid fixed: now it is sent
+            .values(engagelab_euid="10000011", updated_at=now)
+        )
     engine.dispose()
 
 
@@ -108,7 +123,9 @@ def step(title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cdc-sync demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default=".demo", help="working directory, recreated (default .demo)")
+    parser.add_argument(
+        "--dir", default=".demo", help="working directory, recreated (default .demo)"
+    )
     args = parser.parse_args(argv)
     workdir = Path(args.dir).resolve()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -118,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     emulator = Emulator(API_KEY, API_SECRET)
     with EmulatorServer(emulator) as server:
         config = workdir / "config.yaml"
-        config.write_text(CONFIG.format(dir=workdir, url=server.url, key=API_KEY, secret=API_SECRET))
+        config.write_text(
+            CONFIG.format(dir=workdir, url=server.url, key=API_KEY, secret=API_SECRET)
+        )
         users = seed(source_url, datetime.now(UTC).replace(tzinfo=None))
         print(f"demo in {workdir}: 12 users in a SQLite table, EngageLab emulator at {server.url}")
 
@@ -133,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         first = emulator.stats()["accepted"]
         print(f"EngageLab accepted {first} requests")
 
-        step("3. edits: user 3 changes email, user 5 changes only their name, user 11 gets a valid euid")
+        step("3. edits: user 3 changes email, user 5 only their name, user 11 gets a valid euid")
         edit(source_url, users, datetime.now(UTC).replace(tzinfo=None))
         step("4. second cycle: only users 3 and 11 are pushed")
         status = status or run("once")

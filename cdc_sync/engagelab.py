@@ -14,7 +14,7 @@ import email.utils
 import json
 import threading
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -29,9 +29,7 @@ T = TypeVar("T")
 CONTACT_PATH = "/v1/user/contact"
 
 FATAL_CODES = frozenset({40050, 50031, 50034, 50074})
-PERMANENT_CODES = frozenset(
-    {40007, 55004, 55014, 55101, 55102, 55103, 55105, 55106, 55107, 55108}
-)
+PERMANENT_CODES = frozenset({40007, 55004, 55014, 55101, 55102, 55103, 55105, 55106, 55107, 55108})
 TRANSIENT_CODES = frozenset({-1})
 
 
@@ -69,7 +67,7 @@ def classify(
     status: int,
     body: bytes,
     retry_after: str | None = None,
-    policy: CodePolicy = CodePolicy(),  # noqa: B008 - frozen, shared safely
+    policy: CodePolicy = CodePolicy(),
 ) -> ApiResult:
     """Classify one HTTP answer: the body's ``code`` decides first, the HTTP status second."""
     delay = parse_retry_after(retry_after)
@@ -79,8 +77,12 @@ def classify(
             return ApiResult(Verdict.FATAL, None, status, f"HTTP {status} without an API code")
         throttled = status == 429
         return ApiResult(
-            Verdict.TRANSIENT, None, status, f"HTTP {status}, body is not an API answer",
-            delay, throttled,
+            Verdict.TRANSIENT,
+            None,
+            status,
+            f"HTTP {status}, body is not an API answer",
+            delay,
+            throttled,
         )
     if code in policy.overrides:
         verdict = policy.overrides[code]
@@ -140,7 +142,7 @@ class TokenBucket:
     back, which is how a ``Retry-After`` answer stops all workers, not just the one that got it.
     """
 
-    def __init__(self, rate: float | None, clock: Any = time.monotonic) -> None:
+    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self._clock = clock
         self._next = 0.0
@@ -174,7 +176,7 @@ class EngageLabClient:
         timeout: float = 10.0,
         concurrency: int = 8,
         rate_limit: float | None = None,
-        policy: CodePolicy = CodePolicy(),  # noqa: B008 - frozen, shared safely
+        policy: CodePolicy = CodePolicy(),
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = base_url.rstrip("/") + CONTACT_PATH
@@ -186,12 +188,16 @@ class EngageLabClient:
         self._timeout = timeout
         self._transport = transport
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="engagelab", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="engagelab", daemon=True
+        )
         self._thread.start()
         self._client = self._run(self._open())
 
     async def _open(self) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        limits = httpx.Limits(
+            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
+        )
         return httpx.AsyncClient(
             timeout=self._timeout, limits=limits, transport=self._transport, headers=self._headers
         )
@@ -231,7 +237,9 @@ class EngageLabClient:
         except httpx.TimeoutException:
             return ApiResult(Verdict.TRANSIENT, None, None, "request timed out")
         except httpx.TransportError as exc:
-            return ApiResult(Verdict.TRANSIENT, None, None, f"connection failed: {type(exc).__name__}")
+            return ApiResult(
+                Verdict.TRANSIENT, None, None, f"connection failed: {type(exc).__name__}"
+            )
         result = classify(
             response.status_code, response.content, response.headers.get("retry-after"), self.policy
         )

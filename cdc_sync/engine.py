@@ -104,8 +104,13 @@ class Engine:
         finally:
             counts = cycle.counts()
             self.state.finish_run(run_id, self.clock(), outcome, counts, cycle.watermark, error)
-            log.info("cycle_finished", sync=self.settings.name, run_id=run_id, outcome=outcome,
-                     **counts.as_dict())
+            log.info(
+                "cycle_finished",
+                sync=self.settings.name,
+                run_id=run_id,
+                outcome=outcome,
+                **counts.as_dict(),
+            )
         return CycleReport(run_id, outcome, counts, before, cycle.watermark, error)
 
 
@@ -153,7 +158,10 @@ class _Cycle:
         mapped = [map_row(row, salt=salt) for row in rows]
         keys = [str(row.key) for row in rows]
         records = e.state.records(keys)
-        actions = [decide(m, records.get(k), now, retrying=retrying) for m, k in zip(mapped, keys, strict=True)]
+        actions = [
+            decide(m, records.get(k), now, retrying=retrying)
+            for m, k in zip(mapped, keys, strict=True)
+        ]
         sending = [i for i, action in enumerate(actions) if action is Action.PUSH]
         answers = e.pusher.push_all([_payload(mapped[i]) for i in sending])
         results: dict[int, ApiResult | None] = dict(zip(sending, answers, strict=True))
@@ -161,7 +169,9 @@ class _Cycle:
         updates, recorded = [], []
         for i, (m, key, action) in enumerate(zip(mapped, keys, actions, strict=True)):
             result = results.get(i)
-            update = settle(key, m, action, records.get(key), result, now, e.settings.retry, e.jitter())
+            update = settle(
+                key, m, action, records.get(key), result, now, e.settings.retry, e.jitter()
+            )
             done = action is not Action.PUSH or update is not None
             recorded.append(done)
             if update is not None:
@@ -179,8 +189,13 @@ class _Cycle:
 
         fatal = next((r for r in answers if r is not None and r.verdict is Verdict.FATAL), None)
         if fatal is not None:
-            log.critical("engagelab_refused", sync=salt, code=fatal.code, status=fatal.status,
-                         message=fatal.message)
+            log.critical(
+                "engagelab_refused",
+                sync=salt,
+                code=fatal.code,
+                status=fatal.status,
+                message=fatal.message,
+            )
             raise FatalApiError(fatal.code, fatal.status, fatal.message)
 
     def forget_vanished(self, keys: set[str]) -> None:
@@ -217,5 +232,9 @@ def _count_name(action: Action, status: Status | None, done: bool) -> str:
         if not done:
             return "unsent"
         return {Status.SYNCED: "pushed", Status.RETRYING: "retrying"}.get(status, "failed")  # type: ignore[arg-type]
-    return {Action.UNCHANGED: "unchanged", Action.CONFIRM: "unchanged", Action.DEFER: "deferred",
-            Action.SKIP: "skipped"}[action]
+    return {
+        Action.UNCHANGED: "unchanged",
+        Action.CONFIRM: "unchanged",
+        Action.DEFER: "deferred",
+        Action.SKIP: "skipped",
+    }[action]

@@ -1,7 +1,7 @@
 """Structured logging (structlog): JSON lines for journald and log shippers, or console for people.
 
 Events are past-tense names (``cycle_finished``) with fields; contact values and the API secret
-never appear in them. Only :func:`configure` touches global logging state, and only the CLI calls it.
+never appear in them. Only :func:`configure` touches global logging state; only the CLI calls it.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ EUID_MAX = 2**63 - 1  # EngageLab's euid is a Java Long
 
 @dataclass(frozen=True, slots=True)
 class SourceRow:
-    """One user as read from the source: key, cursor, raw euid and raw contact values by contact key."""
+    """One user as read from the source: key, cursor, raw euid, raw contact values by key."""
 
     key: Any
     cursor: Any
@@ -41,7 +41,7 @@ class Payload:
 
 @dataclass(frozen=True, slots=True)
 class Skip:
-    """Why a row is not pushed. ``reason`` is safe to store and log: it never holds contact values."""
+    """Why a row is not pushed. ``reason`` never holds contact values: safe to store and log."""
 
     reason: str
     euid: int | None = None
@@ -119,7 +119,7 @@ def map_row(row: SourceRow, *, salt: str) -> Mapped:
 
 
 def payload_hash(salt: str, euid: int | str, contacts: Mapping[str, str]) -> str:
-    """SHA-256 over a canonical form of the payload; the tracking tables keep this, not the values."""
+    """SHA-256 of the canonical payload; the tracking tables keep this, not the values."""
     canonical = json.dumps(
         [salt, euid, contacts], sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A left-aligned text table; ``None`` shows as ``-``."""
     cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     return "\n".join("  " + line for line in lines)
@@ -36,34 +37,84 @@ def _cell(value: Any) -> str:
 
 def render_status(name: str, state: StateStore, *, limit: int = 10) -> str:
     counts = state.counts_by_status()
-    by_status = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("synced", "retrying", "failed", "skipped"))
+    by_status = ", ".join(
+        f"{k} {counts.get(k, 0)}" for k in ("synced", "retrying", "failed", "skipped")
+    )
     runs = state.recent_runs(limit)
     problems = state.recent_problems(limit)
     parts = [
         f"sync {name}",
-        f"  watermark: {describe(state.watermark()) or 'none yet (next cycle reads the whole table)'}",
+        f"  watermark: {describe(state.watermark()) or 'none (the next cycle reads everything)'}",
         f"  users: {by_status} (total {sum(counts.values())})",
         "",
         "recent runs (newest first)",
         table(
-            ["run", "started", "outcome", "read", "pushed", "unchanged", "retrying", "deferred",
-             "failed", "skipped", "error"],
-            [[r["id"], r["started_at"], r["outcome"], r["rows_read"], r["pushed"], r["unchanged"],
-              r["retrying"], r["deferred"], r["failed"], r["skipped"], r["error"]] for r in runs],
+            [
+                "run",
+                "started",
+                "outcome",
+                "read",
+                "pushed",
+                "unchanged",
+                "retrying",
+                "deferred",
+                "failed",
+                "skipped",
+                "error",
+            ],
+            [
+                [
+                    r["id"],
+                    r["started_at"],
+                    r["outcome"],
+                    r["rows_read"],
+                    r["pushed"],
+                    r["unchanged"],
+                    r["retrying"],
+                    r["deferred"],
+                    r["failed"],
+                    r["skipped"],
+                    r["error"],
+                ]
+                for r in runs
+            ],
         ),
         "",
         "users not synced (failed, then retrying, then skipped)",
         table(
-            ["key", "euid", "status", "attempts", "code", "message", "last attempt", "next attempt"],
-            [[p["source_key"], p["euid"], p["status"], p["attempts"], p["last_code"],
-              p["last_message"], p["last_attempt_at"], p["next_attempt_at"]] for p in problems],
-        ) if problems else "  none",
+            [
+                "key",
+                "euid",
+                "status",
+                "attempts",
+                "code",
+                "message",
+                "last attempt",
+                "next attempt",
+            ],
+            [
+                [
+                    p["source_key"],
+                    p["euid"],
+                    p["status"],
+                    p["attempts"],
+                    p["last_code"],
+                    p["last_message"],
+                    p["last_attempt_at"],
+                    p["next_attempt_at"],
+                ]
+                for p in problems
+            ],
+        )
+        if problems
+        else "  none",
     ]
     return "\n".join(parts)
 
 
-def render_check(settings: Settings, source: Source, current: str | None,
-                 head: str | None) -> tuple[str, bool]:
+def render_check(
+    settings: Settings, source: Source, current: str | None, head: str | None
+) -> tuple[str, bool]:
     """The report of ``cdc-sync check`` and whether everything needed to run is in place."""
     spec = source.spec
     index = source.cursor_index()
@@ -77,8 +128,8 @@ def render_check(settings: Settings, source: Source, current: str | None,
         lines.append(f"index      {index} on ({spec.cursor}, {spec.key}): present")
     else:
         lines += [
-            f"index      none on ({spec.cursor}, {spec.key}): every poll scans the table. Create it "
-            "(on the primary; it replicates):",
+            f"index      none on ({spec.cursor}, {spec.key}): every poll scans the table. "
+            "Create it on the primary (it replicates):",
             f"           {source.index_statement()}",
         ]
     lines.append(f"lookback   {_duration(lookback)} re-read behind the watermark each cycle")
@@ -87,8 +138,10 @@ def render_check(settings: Settings, source: Source, current: str | None,
     if ok:
         lines.append(f"state      {_redact(state_url)}: tracking tables at revision {head}")
     else:
-        lines.append(f"state      {_redact(state_url)}: tracking tables at {current or 'nothing'}, "
-                     f"need {head}; run `cdc-sync migrate`")
+        lines.append(
+            f"state      {_redact(state_url)}: tracking tables at {current or 'nothing'}, "
+            f"need {head}; run `cdc-sync migrate`"
+        )
     lines.append(f"engagelab  {settings.engagelab.base_url} (api key {settings.engagelab.api_key})")
     return "\n".join(lines), ok
 

@@ -76,7 +76,9 @@ class Update:
     next_attempt_at: datetime | None
 
 
-def decide(mapped: Mapped, record: Record | None, now: datetime, *, retrying: bool = False) -> Action:
+def decide(
+    mapped: Mapped, record: Record | None, now: datetime, *, retrying: bool = False
+) -> Action:
     """What to do with a row. ``retrying`` is set when the row was re-read for a due retry."""
     h = mapped.hash
     if isinstance(mapped.result, Skip):
@@ -103,7 +105,7 @@ def backoff(attempts: int, policy: Retry, jitter: float) -> timedelta:
     not all come back in the same second.
     """
     exponent = min(max(attempts - 1, 0), 32)
-    delay = min(policy.base * (2**exponent), policy.cap)
+    delay: timedelta = min(policy.base * (2**exponent), policy.cap)
     return delay * (0.5 + jitter / 2)
 
 
@@ -130,11 +132,23 @@ def settle(
         return None
     if action is Action.SKIP:
         assert isinstance(mapped.result, Skip)
-        return Update(key, euid, Status.SKIPPED, pushed, h, 0, None, mapped.result.reason,
-                      None, None, None)
+        return Update(
+            key, euid, Status.SKIPPED, pushed, h, 0, None, mapped.result.reason, None, None, None
+        )
     if action is Action.CONFIRM:
-        return Update(key, euid, Status.SYNCED, pushed, h, 0, None, "unchanged since last push",
-                      None, None, None)
+        return Update(
+            key,
+            euid,
+            Status.SYNCED,
+            pushed,
+            h,
+            0,
+            None,
+            "unchanged since last push",
+            None,
+            None,
+            None,
+        )
     if result is None or result.verdict is Verdict.FATAL:
         return None  # not this user's doing: read the row again once the sync may proceed
     prior = record.attempts if record and record.attempted_hash == h else 0
@@ -146,12 +160,24 @@ def settle(
         delay = backoff(attempts, policy, jitter)
         if result.retry_after is not None:
             delay = max(delay, timedelta(seconds=result.retry_after))
-        return Update(key, euid, Status.RETRYING, pushed, h, attempts, result.code, message,
-                      now, None, now + delay)
+        return Update(
+            key,
+            euid,
+            Status.RETRYING,
+            pushed,
+            h,
+            attempts,
+            result.code,
+            message,
+            now,
+            None,
+            now + delay,
+        )
     if result.verdict is Verdict.TRANSIENT:
         message = f"gave up after {attempts} attempts: {message}"
-    return Update(key, euid, Status.FAILED, pushed, h, attempts, result.code, message,
-                  now, None, None)
+    return Update(
+        key, euid, Status.FAILED, pushed, h, attempts, result.code, message, now, None, None
+    )
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -162,7 +188,9 @@ class Position:
     key: Any
 
 
-def advance(current: Position | None, page: Sequence[Position], recorded: Sequence[bool]) -> Position | None:
+def advance(
+    current: Position | None, page: Sequence[Position], recorded: Sequence[bool]
+) -> Position | None:
     """The watermark after a page: the last row of the longest fully recorded prefix, never lower.
 
     ``page`` is in ``(cursor, key)`` order and ``recorded[i]`` says whether row i's outcome is

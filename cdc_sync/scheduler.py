@@ -53,12 +53,18 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         self.scheduler.add_job(
-            self.cycle, "interval", seconds=self.interval.total_seconds(),
-            next_run_time=datetime.now(utcnow().tzinfo), id="cycle",
+            self.cycle,
+            "interval",
+            seconds=self.interval.total_seconds(),
+            next_run_time=datetime.now(utcnow().tzinfo),
+            id="cycle",
         )
         self.scheduler.start()
-        log.info("daemon_started", sync=self.engine.settings.name,
-                 interval_s=self.interval.total_seconds())
+        log.info(
+            "daemon_started",
+            sync=self.engine.settings.name,
+            interval_s=self.interval.total_seconds(),
+        )
         self.stopping.wait()
         self.scheduler.shutdown(wait=True)  # lets the cycle in flight finish its page
         log.info("daemon_stopped", sync=self.engine.settings.name)

@@ -43,8 +43,10 @@ class SourceSpec:
         return list(dict.fromkeys(names))
 
 
-def page_query(table: Table, spec: SourceSpec, after: Position | None, start: Any, limit: int) -> Select[Any]:
-    """The query for one page: rows after ``after`` in (cursor, key) order, or from cursor ``start``.
+def page_query(
+    table: Table, spec: SourceSpec, after: Position | None, start: Any, limit: int
+) -> Select[Any]:
+    """One page: rows after ``after`` in (cursor, key) order, or from cursor ``start``.
 
     ``after`` resumes within a cycle (strictly greater, row-value comparison so an index on
     ``(cursor, key)`` serves it as one range scan). ``start`` opens a cycle at the watermark
@@ -60,7 +62,7 @@ def page_query(table: Table, spec: SourceSpec, after: Position | None, start: An
 
 
 def lookback_start(watermark: Position | None, lookback: timedelta | int) -> Any:
-    """Where a cycle starts reading: ``lookback`` before the watermark's cursor (None: from the top)."""
+    """Where a cycle starts: ``lookback`` before the watermark's cursor (None: the top)."""
     if watermark is None:
         return None
     cursor = watermark.cursor
@@ -89,7 +91,7 @@ class Source:
         return self._table
 
     def open(self) -> Source:
-        """Reflect the table and check every configured column exists (:class:`SourceError` if not)."""
+        """Reflect the table; :class:`SourceError` unless every configured column exists."""
         _ = self.table
         return self
 

@@ -36,8 +36,9 @@ def migrations_dir() -> Path:
     for candidate in (here / "migrations", here.parent / "migrations"):
         if (candidate / "env.py").is_file():
             return candidate
-    raise StateError("the migration scripts are missing from this installation",
-                     "reinstall cdc-sync")
+    raise StateError(
+        "the migration scripts are missing from this installation", "reinstall cdc-sync"
+    )
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -62,8 +63,14 @@ def encode_value(value: Any) -> str:
     """A type-tagged text form of a cursor or key value, decoded exactly by :func:`decode_value`."""
     if isinstance(value, bool):
         raise TypeError("a boolean cannot be a cursor or key")
-    for tag, kind in (("int", int), ("str", str), ("decimal", Decimal), ("datetime", datetime),
-                      ("date", date), ("uuid", uuid.UUID)):
+    for tag, kind in (
+        ("int", int),
+        ("str", str),
+        ("decimal", Decimal),
+        ("datetime", datetime),
+        ("date", date),
+        ("uuid", uuid.UUID),
+    ):
         if isinstance(value, kind):
             text = value.isoformat() if isinstance(value, date) else str(value)
             return f"{tag}:{text}"
@@ -162,13 +169,18 @@ class StateStore:
         if not keys:
             return {}
         c = sync_status.c
-        query = select(c.source_key, c.status, c.pushed_hash, c.attempted_hash, c.attempts,
-                       c.next_attempt_at).where(c.sync_name == self.sync_name,
-                                                c.source_key.in_(keys))
+        query = select(
+            c.source_key, c.status, c.pushed_hash, c.attempted_hash, c.attempts, c.next_attempt_at
+        ).where(c.sync_name == self.sync_name, c.source_key.in_(keys))
         with self._connect() as connection:
             return {
-                row.source_key: Record(Status(row.status), row.pushed_hash, row.attempted_hash,
-                                       row.attempts, row.next_attempt_at)
+                row.source_key: Record(
+                    Status(row.status),
+                    row.pushed_hash,
+                    row.attempted_hash,
+                    row.attempts,
+                    row.next_attempt_at,
+                )
                 for row in connection.execute(query)
             }
 
@@ -177,8 +189,11 @@ class StateStore:
         c = sync_status.c
         query = (
             select(c.source_key)
-            .where(c.sync_name == self.sync_name, c.status == Status.RETRYING.value,
-                   c.next_attempt_at <= now)
+            .where(
+                c.sync_name == self.sync_name,
+                c.status == Status.RETRYING.value,
+                c.next_attempt_at <= now,
+            )
             .order_by(c.next_attempt_at, c.source_key)
             .limit(limit)
         )
@@ -187,7 +202,9 @@ class StateStore:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def commit_page(self, updates: Sequence[Update], watermark: Position | None, now: datetime) -> None:
+    def commit_page(
+        self, updates: Sequence[Update], watermark: Position | None, now: datetime
+    ) -> None:
         """Record a page's outcomes and move the watermark, in one transaction."""
         with self._connect() as connection, connection.begin():
             if updates:
@@ -199,28 +216,49 @@ class StateStore:
         stmt = self._insert(sync_status)
         new, old = stmt.excluded, sync_status.c
         keep_if_null = ("euid", "pushed_hash", "last_attempt_at", "last_success_at")
-        changes = {name: func.coalesce(new[name], old[name]) for name in keep_if_null}
-        for name in ("status", "attempted_hash", "attempts", "last_code", "last_message",
-                     "next_attempt_at", "updated_at"):
+        changes: dict[str, Any] = {n: func.coalesce(new[n], old[n]) for n in keep_if_null}
+        for name in (
+            "status",
+            "attempted_hash",
+            "attempts",
+            "last_code",
+            "last_message",
+            "next_attempt_at",
+            "updated_at",
+        ):
             changes[name] = new[name]
-        return stmt.on_conflict_do_update(index_elements=[old.sync_name, old.source_key], set_=changes)
+        return stmt.on_conflict_do_update(
+            index_elements=[old.sync_name, old.source_key], set_=changes
+        )
 
     def _row(self, u: Update, now: datetime) -> dict[str, Any]:
         return {
-            "sync_name": self.sync_name, "source_key": u.key, "euid": u.euid,
-            "status": u.status.value, "pushed_hash": u.pushed_hash,
-            "attempted_hash": u.attempted_hash, "attempts": u.attempts, "last_code": u.last_code,
-            "last_message": u.last_message, "first_seen_at": now,
-            "last_attempt_at": u.attempted_at, "last_success_at": u.succeeded_at,
-            "next_attempt_at": u.next_attempt_at, "updated_at": now,
+            "sync_name": self.sync_name,
+            "source_key": u.key,
+            "euid": u.euid,
+            "status": u.status.value,
+            "pushed_hash": u.pushed_hash,
+            "attempted_hash": u.attempted_hash,
+            "attempts": u.attempts,
+            "last_code": u.last_code,
+            "last_message": u.last_message,
+            "first_seen_at": now,
+            "last_attempt_at": u.attempted_at,
+            "last_success_at": u.succeeded_at,
+            "next_attempt_at": u.next_attempt_at,
+            "updated_at": now,
         }
 
     def _store_watermark(self, connection: Connection, position: Position, now: datetime) -> None:
-        values = {"cursor_value": encode_value(position.cursor),
-                  "key_value": encode_value(position.key), "updated_at": now}
+        values = {
+            "cursor_value": encode_value(position.cursor),
+            "key_value": encode_value(position.key),
+            "updated_at": now,
+        }
         stmt = self._insert(sync_state).values(sync_name=self.sync_name, **values)
-        connection.execute(stmt.on_conflict_do_update(index_elements=[sync_state.c.sync_name],
-                                                      set_=values))
+        connection.execute(
+            stmt.on_conflict_do_update(index_elements=[sync_state.c.sync_name], set_=values)
+        )
 
     def reset_watermark(self) -> None:
         with self._connect() as connection, connection.begin():
@@ -229,20 +267,36 @@ class StateStore:
     def start_run(self, now: datetime, watermark: Position | None) -> int:
         with self._connect() as connection, connection.begin():
             result = connection.execute(
-                insert(sync_runs).values(sync_name=self.sync_name, started_at=now,
-                                         outcome="running", watermark_before=describe(watermark))
+                insert(sync_runs).values(
+                    sync_name=self.sync_name,
+                    started_at=now,
+                    outcome="running",
+                    watermark_before=describe(watermark),
+                )
             )
             run_id = result.inserted_primary_key
             assert run_id is not None
             return int(run_id[0])
 
-    def finish_run(self, run_id: int, now: datetime, outcome: str, counts: RunCounts,
-                   watermark: Position | None, error: str | None = None) -> None:
+    def finish_run(
+        self,
+        run_id: int,
+        now: datetime,
+        outcome: str,
+        counts: RunCounts,
+        watermark: Position | None,
+        error: str | None = None,
+    ) -> None:
         with self._connect() as connection, connection.begin():
             connection.execute(
-                update(sync_runs).where(sync_runs.c.id == run_id).values(
-                    finished_at=now, outcome=outcome, watermark_after=describe(watermark),
-                    error=error, **counts.as_dict(),
+                update(sync_runs)
+                .where(sync_runs.c.id == run_id)
+                .values(
+                    finished_at=now,
+                    outcome=outcome,
+                    watermark_after=describe(watermark),
+                    error=error,
+                    **counts.as_dict(),
                 )
             )
 
@@ -250,14 +304,19 @@ class StateStore:
 
     def counts_by_status(self) -> dict[str, int]:
         c = sync_status.c
-        query = (select(c.status, func.count()).where(c.sync_name == self.sync_name)
-                 .group_by(c.status))
+        query = (
+            select(c.status, func.count()).where(c.sync_name == self.sync_name).group_by(c.status)
+        )
         with self._connect() as connection:
-            return {status: count for status, count in connection.execute(query).tuples()}
+            return {status: count for status, count in connection.execute(query)}
 
     def recent_runs(self, limit: int = 10) -> list[dict[str, Any]]:
-        query = (select(sync_runs).where(sync_runs.c.sync_name == self.sync_name)
-                 .order_by(sync_runs.c.id.desc()).limit(limit))
+        query = (
+            select(sync_runs)
+            .where(sync_runs.c.sync_name == self.sync_name)
+            .order_by(sync_runs.c.id.desc())
+            .limit(limit)
+        )
         with self._connect() as connection:
             return [dict(row._mapping) for row in connection.execute(query)]
 
@@ -266,8 +325,17 @@ class StateStore:
         c = sync_status.c
         rank = case({"failed": 0, "retrying": 1, "skipped": 2}, value=c.status)
         query = (
-            select(c.source_key, c.euid, c.status, c.attempts, c.last_code, c.last_message,
-                   c.last_attempt_at, c.next_attempt_at, c.updated_at)
+            select(
+                c.source_key,
+                c.euid,
+                c.status,
+                c.attempts,
+                c.last_code,
+                c.last_message,
+                c.last_attempt_at,
+                c.next_attempt_at,
+                c.updated_at,
+            )
             .where(c.sync_name == self.sync_name, c.status != Status.SYNCED.value)
             .order_by(rank, c.updated_at.desc(), c.source_key)
             .limit(limit)

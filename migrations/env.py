@@ -1,4 +1,4 @@
-"""Alembic environment: runs migrations on the connection cdc-sync hands over (see cdc_sync.state)."""
+"""Alembic environment: migrates the connection cdc-sync hands over (see cdc_sync.state)."""
 
 from alembic import context
 from sqlalchemy import engine_from_config, pool
@@ -14,7 +14,9 @@ def run() -> None:
         _migrate(connection)
         return
     engine = engine_from_config(
-        config.get_section(config.config_ini_section) or {}, prefix="sqlalchemy.", poolclass=pool.NullPool
+        config.get_section(config.config_ini_section) or {},
+        prefix="sqlalchemy.",
+        poolclass=pool.NullPool,
     )
     with engine.connect() as connection:
         _migrate(connection)

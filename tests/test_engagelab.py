@@ -88,8 +88,15 @@ def test_429_is_throttling_with_retry_after() -> None:
 
 @pytest.mark.parametrize(
     ("header", "seconds"),
-    [(None, None), ("", None), ("5", 5.0), (" 12 ", 12.0), ("soon", None),
-     ("Sat, 28 Nov 2026 12:00:30 GMT", 30.0), ("Sat, 28 Nov 2026 11:00:00 GMT", 0.0)],
+    [
+        (None, None),
+        ("", None),
+        ("5", 5.0),
+        (" 12 ", 12.0),
+        ("soon", None),
+        ("Sat, 28 Nov 2026 12:00:30 GMT", 30.0),
+        ("Sat, 28 Nov 2026 11:00:00 GMT", 0.0),
+    ],
 )
 def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
     """Retry-After is read as delta-seconds or an HTTP date, never negative."""
@@ -186,8 +193,13 @@ def test_per_user_codes_do_not_stop_the_page(server: EmulatorServer, emulator: E
     emulator.set_faults(Faults(fail_codes={101: 55004}))
 
     with client(server.url) as api:
-        results = api.push_all([Payload(100, {"email": "a@b.c"}), Payload(101, {"email": "b@b.c"}),
-                                Payload(102, {"email": "c@b.c"})])
+        results = api.push_all(
+            [
+                Payload(100, {"email": "a@b.c"}),
+                Payload(101, {"email": "b@b.c"}),
+                Payload(102, {"email": "c@b.c"}),
+            ]
+        )
 
     assert [(r.verdict, r.code) for r in results if r] == [(S, 0), (P, 55004), (S, 0)]
 
@@ -200,8 +212,9 @@ def test_per_user_codes_do_not_stop_the_page(server: EmulatorServer, emulator: E
         (Faults(drop_rate=1.0), "connection failed: RemoteProtocolError"),
     ],
 )
-def test_server_faults_are_transient(server: EmulatorServer, emulator: Emulator, faults: Faults,
-                                     message: str) -> None:
+def test_server_faults_are_transient(
+    server: EmulatorServer, emulator: Emulator, faults: Faults, message: str
+) -> None:
     """Proxy pages, code -1 and dropped connections all come back as transient results."""
     emulator.set_faults(faults)
 

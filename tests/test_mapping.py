@@ -35,7 +35,7 @@ def row(euid: object = 42, **contacts: object) -> SourceRow:
         ("-3", "euid -3 is not positive"),
         (2**63, f"euid {2**63} does not fit in 64 bits"),
         (b"12", "euid of type bytes is not an integer"),
-        ("１２", "euid '１２' is not an integer"),
+        ("\uff11\uff12", "euid '\uff11\uff12' is not an integer"),  # full-width digits
     ],
 )
 def test_parse_euid(raw: object, expected: object) -> None:
@@ -45,8 +45,14 @@ def test_parse_euid(raw: object, expected: object) -> None:
 
 def test_contacts_are_trimmed_and_empty_values_dropped() -> None:
     """NULL, empty and blank values are left out; the rest are trimmed and stringified."""
-    cleaned = clean_contacts({"email": "  a@b.c ", "mobile_phone": None, "landline_phone": "  ",
-                              "whatsapp_phone": 819012345678})
+    cleaned = clean_contacts(
+        {
+            "email": "  a@b.c ",
+            "mobile_phone": None,
+            "landline_phone": "  ",
+            "whatsapp_phone": 819012345678,
+        }
+    )
 
     assert cleaned == {"email": "a@b.c", "whatsapp_phone": "819012345678"}
 
@@ -94,14 +100,21 @@ def test_hash_depends_on_salt_euid_and_every_value() -> None:
 
 def test_invalid_euid_hash_differs_from_valid_one() -> None:
     """A bad euid that later becomes valid changes the hash, so the row is sent."""
-    assert map_row(row("1x", email="a@b.c"), salt="s").hash != map_row(row(1, email="a@b.c"), salt="s").hash
+    assert (
+        map_row(row("1x", email="a@b.c"), salt="s").hash
+        != map_row(row(1, email="a@b.c"), salt="s").hash
+    )
 
 
 contact_values = st.one_of(st.none(), st.text(max_size=20))
 
 
-@given(st.dictionaries(st.sampled_from(["email", "mobile_phone", "landline_phone", "whatsapp_phone"]),
-                       contact_values))
+@given(
+    st.dictionaries(
+        st.sampled_from(["email", "mobile_phone", "landline_phone", "whatsapp_phone"]),
+        contact_values,
+    )
+)
 def test_payload_never_carries_empty_values(contacts: dict[str, object]) -> None:
     """Whatever the row holds, a payload has at least one contact and no blank value."""
     mapped = map_row(row(5, **contacts), salt="s")

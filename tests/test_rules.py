@@ -15,7 +15,7 @@ POLICY = Retry(timedelta(seconds=30), timedelta(hours=1), max_attempts=5)
 PUSHABLE = map_row(SourceRow(1, 1, 7, {"email": "a@b.c"}), salt="s")
 OTHER = map_row(SourceRow(1, 1, 7, {"email": "x@b.c"}), salt="s")
 SKIPPED = map_row(SourceRow(1, 1, "bad", {"email": "a@b.c"}), salt="s")
-H, O, S = PUSHABLE.hash, OTHER.hash, SKIPPED.hash
+H, X, S = PUSHABLE.hash, OTHER.hash, SKIPPED.hash
 LATER, EARLIER = NOW + timedelta(minutes=1), NOW - timedelta(minutes=1)
 
 OK = ApiResult(Verdict.SUCCESS, 0, 200, "success")
@@ -24,8 +24,13 @@ BAD = ApiResult(Verdict.PERMANENT, 55004, 400, "bad parameter")
 REFUSED = ApiResult(Verdict.FATAL, 50031, 401, "project id invalid")
 
 
-def rec(status: Status, pushed: str | None, attempted: str | None, attempts: int = 0,
-        next_at: datetime | None = None) -> Record:
+def rec(
+    status: Status,
+    pushed: str | None,
+    attempted: str | None,
+    attempts: int = 0,
+    next_at: datetime | None = None,
+) -> Record:
     return Record(status, pushed, attempted, attempts, next_at)
 
 
@@ -34,14 +39,14 @@ def rec(status: Status, pushed: str | None, attempted: str | None, attempts: int
     [
         (PUSHABLE, None, False, Action.PUSH),
         (PUSHABLE, rec(Status.SYNCED, H, H), False, Action.UNCHANGED),
-        (PUSHABLE, rec(Status.SYNCED, O, O), False, Action.PUSH),
-        (PUSHABLE, rec(Status.RETRYING, O, H, 1, LATER), False, Action.DEFER),
-        (PUSHABLE, rec(Status.RETRYING, O, H, 1, EARLIER), False, Action.PUSH),
-        (PUSHABLE, rec(Status.RETRYING, O, H, 1, LATER), True, Action.PUSH),
-        (PUSHABLE, rec(Status.RETRYING, None, O, 1, LATER), False, Action.PUSH),  # newer change
-        (PUSHABLE, rec(Status.RETRYING, H, O, 1, LATER), False, Action.CONFIRM),  # changed back
+        (PUSHABLE, rec(Status.SYNCED, X, X), False, Action.PUSH),
+        (PUSHABLE, rec(Status.RETRYING, X, H, 1, LATER), False, Action.DEFER),
+        (PUSHABLE, rec(Status.RETRYING, X, H, 1, EARLIER), False, Action.PUSH),
+        (PUSHABLE, rec(Status.RETRYING, X, H, 1, LATER), True, Action.PUSH),
+        (PUSHABLE, rec(Status.RETRYING, None, X, 1, LATER), False, Action.PUSH),  # newer change
+        (PUSHABLE, rec(Status.RETRYING, H, X, 1, LATER), False, Action.CONFIRM),  # changed back
         (PUSHABLE, rec(Status.FAILED, None, H, 1), False, Action.UNCHANGED),
-        (PUSHABLE, rec(Status.FAILED, None, O, 1), False, Action.PUSH),
+        (PUSHABLE, rec(Status.FAILED, None, X, 1), False, Action.PUSH),
         (PUSHABLE, rec(Status.SKIPPED, None, S), False, Action.PUSH),
         (SKIPPED, None, False, Action.SKIP),
         (SKIPPED, rec(Status.SKIPPED, None, S), False, Action.UNCHANGED),
@@ -55,7 +60,9 @@ def test_decide(mapped, record, retrying, expected) -> None:  # type: ignore[no-
 
 def test_success_marks_synced_and_resets_attempts() -> None:
     """A success stores the pushed hash, clears the retry and stamps the success time."""
-    update = settle("1", PUSHABLE, Action.PUSH, rec(Status.RETRYING, O, H, 3, EARLIER), OK, NOW, POLICY)
+    update = settle(
+        "1", PUSHABLE, Action.PUSH, rec(Status.RETRYING, X, H, 3, EARLIER), OK, NOW, POLICY
+    )
 
     assert update is not None
     assert (update.status, update.pushed_hash, update.attempts) == (Status.SYNCED, H, 0)
@@ -64,10 +71,10 @@ def test_success_marks_synced_and_resets_attempts() -> None:
 
 def test_transient_failure_schedules_a_retry_with_backoff() -> None:
     """A transient failure keeps the old pushed hash and schedules the next attempt."""
-    update = settle("1", PUSHABLE, Action.PUSH, rec(Status.SYNCED, O, O), FLAKY, NOW, POLICY, 0.0)
+    update = settle("1", PUSHABLE, Action.PUSH, rec(Status.SYNCED, X, X), FLAKY, NOW, POLICY, 0.0)
 
     assert update is not None
-    assert (update.status, update.pushed_hash, update.attempted_hash) == (Status.RETRYING, O, H)
+    assert (update.status, update.pushed_hash, update.attempted_hash) == (Status.RETRYING, X, H)
     assert update.attempts == 1
     assert update.next_attempt_at == NOW + timedelta(seconds=15)
     assert update.last_code == -1
@@ -76,7 +83,7 @@ def test_transient_failure_schedules_a_retry_with_backoff() -> None:
 def test_attempts_count_only_for_the_same_payload() -> None:
     """A newer payload starts counting attempts from one again."""
     same = settle("1", PUSHABLE, Action.PUSH, rec(Status.RETRYING, None, H, 2), FLAKY, NOW, POLICY)
-    newer = settle("1", PUSHABLE, Action.PUSH, rec(Status.RETRYING, None, O, 2), FLAKY, NOW, POLICY)
+    newer = settle("1", PUSHABLE, Action.PUSH, rec(Status.RETRYING, None, X, 2), FLAKY, NOW, POLICY)
 
     assert same is not None and same.attempts == 3
     assert newer is not None and newer.attempts == 1
@@ -84,7 +91,9 @@ def test_attempts_count_only_for_the_same_payload() -> None:
 
 def test_too_many_transient_failures_mark_failed() -> None:
     """After max_attempts transient failures the user is failed, with no further retry."""
-    update = settle("1", PUSHABLE, Action.PUSH, rec(Status.RETRYING, None, H, 4), FLAKY, NOW, POLICY)
+    update = settle(
+        "1", PUSHABLE, Action.PUSH, rec(Status.RETRYING, None, H, 4), FLAKY, NOW, POLICY
+    )
 
     assert update is not None
     assert (update.status, update.next_attempt_at) == (Status.FAILED, None)
@@ -93,7 +102,9 @@ def test_too_many_transient_failures_mark_failed() -> None:
 
 def test_retry_after_lengthens_the_backoff() -> None:
     """A Retry-After longer than the backoff sets the next attempt."""
-    throttled = ApiResult(Verdict.TRANSIENT, None, 429, "slow down", retry_after=600, throttled=True)
+    throttled = ApiResult(
+        Verdict.TRANSIENT, None, 429, "slow down", retry_after=600, throttled=True
+    )
 
     update = settle("1", PUSHABLE, Action.PUSH, None, throttled, NOW, POLICY)
 
@@ -105,7 +116,11 @@ def test_permanent_failure_marks_failed_with_code() -> None:
     update = settle("1", PUSHABLE, Action.PUSH, None, BAD, NOW, POLICY)
 
     assert update is not None
-    assert (update.status, update.last_code, update.last_message) == (Status.FAILED, 55004, "bad parameter")
+    assert (update.status, update.last_code, update.last_message) == (
+        Status.FAILED,
+        55004,
+        "bad parameter",
+    )
     assert update.next_attempt_at is None
 
 
@@ -127,20 +142,32 @@ def test_skip_records_reason_and_keeps_pushed_hash() -> None:
 
     assert update is not None
     assert (update.status, update.pushed_hash, update.last_message) == (
-        Status.SKIPPED, H, "euid 'bad' is not an integer")
+        Status.SKIPPED,
+        H,
+        "euid 'bad' is not an integer",
+    )
 
 
 def test_confirm_marks_synced_without_a_call() -> None:
     """A row that returned to what EngageLab holds is marked synced."""
-    update = settle("1", PUSHABLE, Action.CONFIRM, rec(Status.RETRYING, H, O, 2, LATER), None, NOW, POLICY)
+    update = settle(
+        "1", PUSHABLE, Action.CONFIRM, rec(Status.RETRYING, H, X, 2, LATER), None, NOW, POLICY
+    )
 
     assert update is not None and (update.status, update.attempts) == (Status.SYNCED, 0)
 
 
 @pytest.mark.parametrize(
     ("attempts", "jitter", "seconds"),
-    [(1, 0.0, 15), (1, 0.999999, 29.99997), (2, 0.0, 30), (3, 0.0, 60), (8, 0.0, 1800),
-     (9, 0.0, 1800), (1000, 0.0, 1800)],
+    [
+        (1, 0.0, 15),
+        (1, 0.999999, 29.99997),
+        (2, 0.0, 30),
+        (3, 0.0, 60),
+        (8, 0.0, 1800),
+        (9, 0.0, 1800),
+        (1000, 0.0, 1800),
+    ],
 )
 def test_backoff_doubles_up_to_the_cap(attempts: int, jitter: float, seconds: float) -> None:
     """Backoff doubles from base per attempt, capped, spread over its upper half by jitter."""
@@ -167,8 +194,10 @@ def test_advance(current, page, recorded, expected) -> None:  # type: ignore[no-
     assert advance(current, page, recorded) == expected
 
 
-@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5), st.booleans()), max_size=20),
-       st.one_of(st.none(), st.tuples(st.integers(0, 5), st.integers(0, 5))))
+@given(
+    st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5), st.booleans()), max_size=20),
+    st.one_of(st.none(), st.tuples(st.integers(0, 5), st.integers(0, 5))),
+)
 def test_advance_never_passes_an_unrecorded_row(rows, start) -> None:  # type: ignore[no-untyped-def]
     """Whatever the page, the new watermark is below every unrecorded row not already behind it."""
     rows = sorted(set(rows), key=lambda r: (r[0], r[1]))

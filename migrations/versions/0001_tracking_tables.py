@@ -33,9 +33,15 @@ def upgrade() -> None:
         sa.Column("sync_name", sa.String(64), nullable=False),
         sa.Column("source_key", sa.String(256), nullable=False),
         sa.Column("euid", sa.BigInteger()),
-        sa.Column("status", sa.String(16), nullable=False, comment="synced | retrying | failed | skipped"),
-        sa.Column("pushed_hash", sa.String(64), comment="hash of the last payload EngageLab accepted"),
-        sa.Column("attempted_hash", sa.String(64), comment="hash of the payload of the last outcome"),
+        sa.Column(
+            "status", sa.String(16), nullable=False, comment="synced | retrying | failed | skipped"
+        ),
+        sa.Column(
+            "pushed_hash", sa.String(64), comment="hash of the last payload EngageLab accepted"
+        ),
+        sa.Column(
+            "attempted_hash", sa.String(64), comment="hash of the payload of the last outcome"
+        ),
         sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("last_code", sa.Integer(), comment="EngageLab's code of the last answer, if any"),
         sa.Column("last_message", sa.Text()),
@@ -61,7 +67,12 @@ def upgrade() -> None:
         sa.Column("sync_name", sa.String(64), nullable=False),
         sa.Column("started_at", UtcDateTime(), nullable=False),
         sa.Column("finished_at", UtcDateTime()),
-        sa.Column("outcome", sa.String(16), nullable=False, comment="running | ok | stopped | fatal | error"),
+        sa.Column(
+            "outcome",
+            sa.String(16),
+            nullable=False,
+            comment="running | ok | stopped | fatal | error",
+        ),
         sa.Column("rows_read", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("pushed", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("unchanged", sa.Integer(), nullable=False, server_default="0"),
@@ -75,13 +86,17 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_cdc_sync_runs"),
         comment="One row per cycle.",
     )
-    op.create_index("ix_cdc_sync_runs_sync_name_started_at", "cdc_sync_runs", ["sync_name", "started_at"])
+    op.create_index(
+        "ix_cdc_sync_runs_sync_name_started_at", "cdc_sync_runs", ["sync_name", "started_at"]
+    )
 
 
 def downgrade() -> None:
     op.drop_index("ix_cdc_sync_runs_sync_name_started_at", table_name="cdc_sync_runs")
     op.drop_table("cdc_sync_runs")
     op.drop_index("ix_cdc_sync_status_sync_name_updated_at", table_name="cdc_sync_status")
-    op.drop_index("ix_cdc_sync_status_sync_name_status_next_attempt_at", table_name="cdc_sync_status")
+    op.drop_index(
+        "ix_cdc_sync_status_sync_name_status_next_attempt_at", table_name="cdc_sync_status"
+    )
     op.drop_table("cdc_sync_status")
     op.drop_table("cdc_sync_state")

@@ -1,0 +1,752 @@
+"""Tests for cdc_sync.config: durations, interpolation, loading, validation and redaction."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, get_args
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import BaseModel, ValidationError
+
+from cdc_sync.config import (
+    ContactKey,
+    Settings,
+    format_duration,
+    interpolate,
+    load_settings,
+    mask_password,
+    parse_duration,
+    resolve_config_path,
+)
+from cdc_sync.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET = "Zq9-sekret-value-42"
+ENV = {"ENGAGELAB_API_KEY": "key-1", "ENGAGELAB_API_SECRET": SECRET}
+DELETE = object()
+
+
+def minimal() -> dict[str, Any]:
+    """The smallest valid config tree, with the secret taken from the environment."""
+    return {
+        "name": "users",
+        "source": {
+            "url": "postgresql+psycopg://reader@replica.internal:5432/app",
+            "table": "users",
+            "key": "id",
+            "cursor": "updated_at",
+            "euid": "engagelab_euid",
+        },
+        "contacts": {"email": "email"},
+        "engagelab": {"api_key": "${ENGAGELAB_API_KEY}", "api_secret": "${ENGAGELAB_API_SECRET}"},
+    }
+
+
+def changed(tree: Mapping[str, Any], key: str, value: object) -> dict[str, Any]:
+    """A copy of ``tree`` with the dotted ``key`` set to ``value`` (or removed, for DELETE)."""
+    result = copy.deepcopy(dict(tree))
+    *parents, last = key.split(".")
+    node = result
+    for part in parents:
+        node = node.setdefault(part, {})
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return result
+
+
+def write(directory: Path, tree: object, name: str = "config.yaml") -> Path:
+    """Write ``tree`` as YAML into ``directory`` and return the file's path."""
+    path = directory / name
+    path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def load(directory: Path, tree: object, environ: Mapping[str, str] = ENV) -> Settings:
+    """Load ``tree`` through a real file, as the daemon would."""
+    return load_settings(write(directory, tree), environ)
+
+
+def failure(directory: Path, tree: object, environ: Mapping[str, str] = ENV) -> ConfigError:
+    """The ConfigError that loading ``tree`` raises."""
+    with pytest.raises(ConfigError) as caught:
+        load(directory, tree, environ)
+    return caught.value
+
+
+# --- durations ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("90s", timedelta(seconds=90)),
+        ("5m", timedelta(minutes=5)),
+        ("1h", timedelta(hours=1)),
+        ("1h30m", timedelta(hours=1, minutes=30)),
+        ("250ms", timedelta(milliseconds=250)),
+        ("2d", timedelta(days=2)),
+        ("1d2h3m4s5ms", timedelta(days=1, hours=2, minutes=3, seconds=4, milliseconds=5)),
+        ("1.5h", timedelta(minutes=90)),
+        ("0s", timedelta(0)),
+        ("  30s ", timedelta(seconds=30)),
+    ],
+)
+def test_parse_duration_reads_units(text: str, expected: timedelta) -> None:
+    """parse_duration reads ms, s, m, h and d, alone or combined largest first."""
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("5 minutes", "'5 minutes' is not a duration; write e.g. 30s, 5m, 1h"),
+        ("", "is not a duration"),
+        ("m", "is not a duration"),
+        ("-5s", "is not a duration"),
+        ("5M", "is not a duration"),
+        ("1h 30m", "is not a duration"),
+        ("30m1h", "largest first"),
+        ("5m5m", "largest first"),
+        ("60", "'60' has no unit; write e.g. 60s"),
+        ("99999999999999d", "too long"),
+    ],
+)
+def test_parse_duration_refuses_bad_text(text: str, fragment: str) -> None:
+    """parse_duration refuses anything but unit-suffixed numbers, saying how to write one."""
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (timedelta(0), "0s"),
+        (timedelta(seconds=90), "1m30s"),
+        (timedelta(hours=1), "1h"),
+        (timedelta(days=1, milliseconds=250), "1d250ms"),
+        (timedelta(microseconds=1500), "1.5ms"),
+    ],
+)
+def test_format_duration_writes_config_syntax(value: timedelta, expected: str) -> None:
+    """format_duration writes a timedelta the way a config file would."""
+    assert format_duration(value) == expected
+
+
+@given(st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=10_000)))
+def test_format_duration_round_trips(value: timedelta) -> None:
+    """Every non-negative timedelta survives format_duration then parse_duration unchanged."""
+    assert parse_duration(format_duration(value)) == value
+
+
+# --- interpolation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tree", "environ", "expected"),
+    [
+        ("${A}", {"A": "x"}, "x"),
+        ("pre-${A}-post", {"A": "x"}, "pre-x-post"),
+        ("${A}", {"A": ""}, ""),
+        ("${A:-fallback}", {}, "fallback"),
+        ("${A:-fallback}", {"A": ""}, "fallback"),
+        ("${A:-fallback}", {"A": "set"}, "set"),
+        ("${A:-}", {}, ""),
+        ("a$$b", {}, "a$b"),
+        ("$${A}", {"A": "x"}, "${A}"),
+        ("${A}", {"A": "${B}"}, "${B}"),
+        ({"k": ["${A}", {"n": "${A}"}]}, {"A": "x"}, {"k": ["x", {"n": "x"}]}),
+        ({"${A}": "v"}, {"A": "x"}, {"${A}": "v"}),
+        ({"n": 5, "b": True, "z": None, "f": 1.5}, {}, {"n": 5, "b": True, "z": None, "f": 1.5}),
+    ],
+)
+def test_interpolate_expands_string_values(
+    tree: Any, environ: dict[str, str], expected: Any
+) -> None:
+    """interpolate expands ${VAR}, ${VAR:-default} and $$ in string values only, once."""
+    assert interpolate(tree, environ, "c.yaml") == expected
+
+
+@pytest.mark.parametrize(
+    ("tree", "key", "fragment"),
+    [
+        ({"engagelab": {"api_secret": "${NOPE}"}}, "engagelab.api_secret", "NOPE is not set"),
+        ({"a": [{"b": "x"}, {"b": "${NOPE}"}]}, "a.1.b", "environment variable NOPE is not set"),
+        ({"a": "cost $5"}, "a", "write $$ for a literal $"),
+        ({"a": "$NOPE"}, "a", "${NAME}"),
+        ({"a": "${NOPE"}, "a", "${NAME}"),
+        ({"a": "${1X}"}, "a", "${NAME}"),
+        ({"a": "${X:fallback}"}, "a", "${NAME:-default}"),
+    ],
+)
+def test_interpolate_errors_name_the_key_path(tree: Any, key: str, fragment: str) -> None:
+    """A bad or unset reference is a ConfigError naming the file and the key path."""
+    with pytest.raises(ConfigError) as caught:
+        interpolate(tree, {}, "c.yaml")
+
+    assert (caught.value.path, caught.value.key) == ("c.yaml", key)
+    assert fragment in caught.value.problem
+
+
+def test_interpolate_error_does_not_quote_the_value() -> None:
+    """A malformed reference is reported without quoting the value, which may be a secret."""
+    with pytest.raises(ConfigError) as caught:
+        interpolate({"engagelab": {"api_secret": f"{SECRET}$"}}, {}, "c.yaml")
+
+    assert SECRET not in str(caught.value)
+
+
+# --- finding and reading the file --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cli_value", "environ", "expected"),
+    [
+        ("/etc/a.yaml", {"CDC_SYNC_CONFIG": "/etc/b.yaml"}, Path("/etc/a.yaml")),
+        (None, {"CDC_SYNC_CONFIG": "/etc/b.yaml"}, Path("/etc/b.yaml")),
+        (None, {"CDC_SYNC_CONFIG": ""}, Path("config.yaml")),
+        (None, {}, Path("config.yaml")),
+    ],
+)
+def test_resolve_config_path_prefers_cli_then_env(
+    cli_value: str | None, environ: dict[str, str], expected: Path
+) -> None:
+    """The config file is -c/--config, else CDC_SYNC_CONFIG, else ./config.yaml."""
+    assert resolve_config_path(cli_value, environ) == expected
+
+
+def test_missing_file_says_how_to_point_at_one(tmp_path: Path) -> None:
+    """A missing file is a ConfigError listing the three ways to name one."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(tmp_path / "absent.yaml", ENV)
+
+    assert caught.value.key == ""
+    assert "no such file; pass -c/--config, set CDC_SYNC_CONFIG" in str(caught.value)
+
+
+def test_invalid_yaml_reports_line_and_column(tmp_path: Path) -> None:
+    """A YAML syntax error is reported with its line and column but not the line's text."""
+    path = tmp_path / "config.yaml"
+    path.write_text(f"name: users\nengagelab:\n  api_secret: {SECRET}: [\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, ENV)
+
+    assert "not valid YAML at line 3, column" in str(caught.value)
+    assert SECRET not in str(caught.value)
+    assert caught.value.__context__ is None
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [("", "the file is empty"), ("- a\n- b\n", "found a list"), ("just text\n", "found a str")],
+)
+def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, fragment: str) -> None:
+    """A file whose top level is not a mapping is refused as a whole."""
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, ENV)
+
+    assert "the top level must be a mapping" in caught.value.problem
+    assert fragment in caught.value.problem
+
+
+def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
+    """A key written twice in one mapping is an error, not a silent override."""
+    path = tmp_path / "config.yaml"
+    path.write_text("name: a\nname: b\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, ENV)
+
+    assert "duplicate key 'name'" in caught.value.problem
+    assert "line 2" in caught.value.problem
+
+
+def test_non_utf8_file_is_refused(tmp_path: Path) -> None:
+    """A file that is not UTF-8 is a ConfigError, not a UnicodeDecodeError."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"name: \xff\n")
+
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(path, ENV)
+
+
+def test_shipped_config_loads() -> None:
+    """The example config.yaml at the repository root loads once the two variables are set."""
+    settings = load_settings(REPO / "config.yaml", ENV)
+
+    assert settings.source.url == "postgresql+psycopg://cdc_reader@replica.internal:5432/app"
+    assert settings.contacts == {
+        "email": "email",
+        "mobile_phone": "mobile",
+        "landline_phone": "landline",
+        "whatsapp_phone": "whatsapp",
+    }
+    assert settings.state.url == f"sqlite:///{REPO / 'cdc-sync-state.db'}"
+    assert settings.engagelab.api_secret.get_secret_value() == SECRET
+
+
+def configuration_reference() -> str:
+    """The README's "Configuration" section, up to the next second-level heading."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    return readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_documented_example_loads(tmp_path: Path) -> None:
+    """The minimal YAML example in the README's configuration reference loads as written."""
+    text = configuration_reference()
+    example = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)[-1]
+    path = tmp_path / "config.yaml"
+    path.write_text(example, encoding="utf-8")
+
+    settings = load_settings(path, ENV)
+
+    assert settings.name == "users"
+
+
+def test_reference_documents_every_key() -> None:
+    """The README's configuration reference has a row for every key the models accept, no others."""
+    text = configuration_reference()
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", text, flags=re.MULTILINE))
+    models = [Settings, *(field.annotation for field in Settings.model_fields.values())]
+    accepted = {
+        field.alias or name
+        for model in models
+        if isinstance(model, type) and issubclass(model, BaseModel)
+        for name, field in model.model_fields.items()
+    } | set(get_args(ContactKey))
+
+    assert documented == accepted
+
+
+# --- defaults and accepted forms ---------------------------------------------------------------
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+    """Every optional key takes the default the README lists."""
+    settings = load(tmp_path, minimal())
+
+    assert settings.source.schema_ is None
+    assert settings.source.batch_size == 500
+    assert settings.source.lookback == timedelta(minutes=5)
+    assert settings.source.statement_timeout == timedelta(seconds=30)
+    assert settings.state.url == f"sqlite:///{tmp_path / 'cdc-sync-state.db'}"
+    assert settings.engagelab.base_url == "https://ma-api.engagelab.com"
+    assert settings.engagelab.timeout == timedelta(seconds=10)
+    assert settings.engagelab.concurrency == 8
+    assert settings.engagelab.rate_limit == 50.0
+    assert settings.engagelab.unknown_code == "permanent"
+    assert settings.engagelab.codes == {}
+    assert settings.engagelab.rate_limit_codes == ()
+    assert settings.schedule.interval == timedelta(seconds=60)
+    assert (settings.retry.base, settings.retry.max) == (timedelta(seconds=30), timedelta(hours=1))
+    assert settings.retry.max_attempts == 20
+    assert (settings.logging.level, settings.logging.format) == ("INFO", "json")
+    assert settings.config_path == tmp_path / "config.yaml"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "read", "expected"),
+    [
+        ("source.lookback", 1000, lambda s: s.source.lookback, 1000),
+        ("source.lookback", 0, lambda s: s.source.lookback, 0),
+        ("source.lookback", "90s", lambda s: s.source.lookback, timedelta(seconds=90)),
+        ("source.schema", "app", lambda s: s.source.schema_, "app"),
+        ("source.batch_size", "250", lambda s: s.source.batch_size, 250),
+        ("schedule.interval", 90, lambda s: s.schedule.interval, timedelta(seconds=90)),
+        ("engagelab.timeout", 2.5, lambda s: s.engagelab.timeout, timedelta(seconds=2.5)),
+        ("engagelab.rate_limit", 0, lambda s: s.engagelab.rate_limit, None),
+        ("engagelab.rate_limit", "0", lambda s: s.engagelab.rate_limit, None),
+        ("engagelab.rate_limit", None, lambda s: s.engagelab.rate_limit, None),
+        ("engagelab.rate_limit", 12.5, lambda s: s.engagelab.rate_limit, 12.5),
+        (
+            "engagelab.base_url",
+            "https://ma-api-usva.engagelab.com/",
+            lambda s: s.engagelab.base_url,
+            "https://ma-api-usva.engagelab.com",
+        ),
+        (
+            "engagelab.base_url",
+            "http://127.0.0.1:8080/prefix/",
+            lambda s: s.engagelab.base_url,
+            "http://127.0.0.1:8080/prefix",
+        ),
+        (
+            "engagelab.codes",
+            {40050: "fatal", "55014": "Transient", -1: "permanent"},
+            lambda s: s.engagelab.codes,
+            {40050: "fatal", 55014: "transient", -1: "permanent"},
+        ),
+        ("engagelab.rate_limit_codes", [42900], lambda s: s.engagelab.rate_limit_codes, (42900,)),
+        ("engagelab.unknown_code", "transient", lambda s: s.engagelab.unknown_code, "transient"),
+        ("logging.level", "debug", lambda s: s.logging.level, "DEBUG"),
+        ("logging.format", "Console", lambda s: s.logging.format, "console"),
+    ],
+)
+def test_accepted_forms_are_normalised(
+    tmp_path: Path, key: str, value: object, read: Any, expected: object
+) -> None:
+    """Values the reference allows are accepted and stored in their normal form."""
+    settings = load(tmp_path, changed(minimal(), key, value))
+
+    assert read(settings) == expected
+
+
+def test_lookback_integer_stays_cursor_units(tmp_path: Path) -> None:
+    """A bare integer lookback stays an int (cursor units), not a number of seconds."""
+    settings = load(tmp_path, changed(minimal(), "source.lookback", 300))
+
+    assert type(settings.source.lookback) is int
+
+
+def test_settings_are_frozen(tmp_path: Path) -> None:
+    """Settings cannot be changed after loading."""
+    settings = load(tmp_path, minimal())
+
+    with pytest.raises(ValidationError):
+        settings.source.batch_size = 1
+
+
+# --- validation rules --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "where", "fragment"),
+    [
+        ("name", DELETE, "name", "required key is missing"),
+        ("name", "", "name", "is not a sync name"),
+        ("name", "has space", "name", "is not a sync name"),
+        ("name", "x" * 65, "name", "is not a sync name"),
+        ("sync_name", "x", "sync_name", "allowed keys here: name, source, contacts, state"),
+        ("source", DELETE, "source", "required key is missing"),
+        ("source.url", DELETE, "source.url", "required key is missing"),
+        ("source.url", "not a url", "source.url", "not a database URL"),
+        ("source.url", "postgres+nodriver://h/db", "source.url", "unknown database dialect"),
+        ("source.table", "", "source.table", "must not be empty"),
+        ("source.key", DELETE, "source.key", "required key is missing"),
+        ("source.cursor", " ", "source.cursor", "must not be empty"),
+        ("source.euid", DELETE, "source.euid", "required key is missing"),
+        ("source.schema", "", "source.schema", "must not be empty"),
+        ("source.schem", "app", "source.schem", "did you mean 'schema'?"),
+        ("source.batch_size", 0, "source.batch_size", "greater than or equal to 1 (got 0)"),
+        ("source.batch_size", 10_001, "source.batch_size", "less than or equal to 10000"),
+        ("source.batch_size", True, "source.batch_size", "expected a number, not true"),
+        ("source.batch_size", "many", "source.batch_size", "valid integer"),
+        ("source.lookback", -1, "source.lookback", "is negative"),
+        ("source.lookback", 1.5, "source.lookback", "must be a whole number"),
+        ("source.lookback", "5 minutes", "source.lookback", "'5 minutes' is not a duration"),
+        ("source.statement_timeout", "0s", "source.statement_timeout", "longer than 0s"),
+        ("source.statement_timeout", 30, "source.statement_timeout", None),
+        ("contacts", DELETE, "contacts", "required key is missing"),
+        ("contacts", {}, "contacts", "map at least one of email"),
+        ("contacts.fax", "fax", "contacts.fax", "'email', 'mobile_phone'"),
+        ("contacts.email", "", "contacts.email", "must not be empty"),
+        ("state.url", "sqlite://", "state.url", "in-memory database"),
+        ("state.url", "sqlite:///:memory:", "state.url", "in-memory database"),
+        ("state.path", "x.db", "state.path", "allowed keys here: url"),
+        ("engagelab.base_url", "ftp://x", "engagelab.base_url", "not an http(s) base URL"),
+        ("engagelab.base_url", "https://", "engagelab.base_url", "not an http(s) base URL"),
+        ("engagelab.base_url", "https://h?x=1", "engagelab.base_url", "not an http(s) base URL"),
+        ("engagelab.api_key", DELETE, "engagelab.api_key", "required key is missing"),
+        ("engagelab.api_key", "", "engagelab.api_key", "must not be empty"),
+        ("engagelab.api_key", "k\n", "engagelab.api_key", "whitespace"),
+        ("engagelab.api_secret", DELETE, "engagelab.api_secret", "required key is missing"),
+        ("engagelab.api_secret", "", "engagelab.api_secret", "must not be empty"),
+        ("engagelab.timeout", "0ms", "engagelab.timeout", "longer than 0s"),
+        ("engagelab.timeout", -1, "engagelab.timeout", "is not a duration"),
+        ("engagelab.timeout", False, "engagelab.timeout", "expected a duration"),
+        ("engagelab.concurrency", 0, "engagelab.concurrency", "greater than or equal to 1"),
+        ("engagelab.concurrency", 257, "engagelab.concurrency", "less than or equal to 256"),
+        ("engagelab.rate_limit", -5, "engagelab.rate_limit", "is not a rate"),
+        ("engagelab.rate_limit", float("inf"), "engagelab.rate_limit", "is not a rate"),
+        ("engagelab.unknown_code", "fatal", "engagelab.unknown_code", "'permanent' or"),
+        ("engagelab.codes", {40050: "ignore"}, "engagelab.codes.40050", "'transient', 'perm"),
+        ("engagelab.codes", {"abc": "fatal"}, "engagelab.codes.abc", "valid integer"),
+        ("engagelab.codes", {0: "fatal"}, "engagelab.codes.0", "code 0 is success"),
+        ("engagelab.rate_limit_codes", [1, "x"], "engagelab.rate_limit_codes.1", "integer"),
+        ("engagelab.rate_limit_codes", [0], "engagelab.rate_limit_codes.0", "code 0 is success"),
+        ("schedule.interval", "999ms", "schedule.interval", "must be at least 1s"),
+        ("schedule.every", "1m", "schedule.every", "allowed keys here: interval"),
+        ("retry.base", "0s", "retry.base", "longer than 0s"),
+        ("retry.max", "10s", "retry.max", "10s is shorter than base (30s)"),
+        ("retry.max_attempts", 0, "retry.max_attempts", "greater than or equal to 1"),
+        ("logging.level", "TRACE", "logging.level", "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
+        ("logging.format", "xml", "logging.format", "'json' or 'console' (got 'xml')"),
+    ],
+)
+def test_invalid_values_name_their_key_path(
+    tmp_path: Path, key: str, value: object, where: str, fragment: str | None
+) -> None:
+    """Each validation rule reports the dotted key path of the value that broke it."""
+    tree = changed(minimal(), key, value)
+    if fragment is None:  # a valid value: the row pins that it is accepted
+        load(tmp_path, tree)
+        return
+
+    error = failure(tmp_path, tree)
+
+    assert error.key == where
+    assert str(error).startswith(f"{tmp_path / 'config.yaml'}: {where}: ")
+    assert fragment in error.problem
+
+
+def test_rate_limit_code_cannot_also_be_permanent(tmp_path: Path) -> None:
+    """A code listed as throttling may not be classified as anything but transient."""
+    tree = changed(minimal(), "engagelab.codes", {42900: "permanent"})
+    tree = changed(tree, "engagelab.rate_limit_codes", [42900])
+
+    error = failure(tmp_path, tree)
+
+    assert error.key == "engagelab.rate_limit_codes.0"
+    assert "code 42900 means throttling" in error.problem
+
+
+def test_every_bad_key_is_reported_at_once(tmp_path: Path) -> None:
+    """Several invalid values give one ConfigError with one 'path: key: problem' line each."""
+    tree = changed(minimal(), "source.batch_size", 0)
+    tree = changed(tree, "contacts.fax", "fax")
+    tree = changed(tree, "logging.level", "loud")
+
+    error = failure(tmp_path, tree)
+
+    lines = str(error).splitlines()
+    path = tmp_path / "config.yaml"
+    assert error.key == "source.batch_size"
+    assert [line.split(": ")[:2] for line in lines] == [
+        [str(path), "source.batch_size"],
+        [str(path), "contacts.fax"],
+        [str(path), "logging.level"],
+    ]
+
+
+# --- secrets -----------------------------------------------------------------------------------
+
+
+def test_secret_never_appears_in_errors(tmp_path: Path) -> None:
+    """The API secret is masked even where it is also an invalid value or an unknown key's value."""
+    tree = changed(minimal(), "engagelab.timeout", "${ENGAGELAB_API_SECRET}")
+    tree = changed(tree, "engagelab.api_secrt", "${ENGAGELAB_API_SECRET}")
+    tree = changed(tree, "engagelab.api_key", DELETE)
+    tree = changed(tree, "source.batch_size", "${ENGAGELAB_API_SECRET}")
+
+    error = failure(tmp_path, tree)
+
+    text = str(error)
+    assert SECRET not in text
+    assert "engagelab.timeout: '***' is not a duration" in text
+    assert "engagelab.api_secrt: unknown key" in text
+    assert "engagelab.api_key: required key is missing" in text
+    assert "source.batch_size: input should be a valid integer" in text
+    assert error.__cause__ is None
+    assert error.__context__ is None
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [SECRET, 'it\'s\\a"secret"', "\tsecret-with-tab"],
+)
+def test_secret_is_hidden_in_long_and_escaped_echoes(tmp_path: Path, secret: str) -> None:
+    """The secret is hidden even when an echo is cut short or repr() escapes its characters."""
+    tree = changed(minimal(), "source.batch_size", "x" * 70 + "${ENGAGELAB_API_SECRET}")
+    tree = changed(tree, "engagelab.timeout", "${ENGAGELAB_API_SECRET}")
+    environ = {**ENV, "ENGAGELAB_API_SECRET": secret}
+
+    error = failure(tmp_path, tree, environ)
+
+    text = str(error)
+    assert secret[:5] not in text
+    assert repr(secret)[1:6] not in text
+    assert "source.batch_size" in text
+    assert "engagelab.timeout" in text
+
+
+def test_long_url_password_is_hidden_before_the_echo_is_cut(tmp_path: Path) -> None:
+    """A URL password past the echo's length limit is masked, not cut into a visible prefix."""
+    tree = changed(minimal(), "source.batch_size", "postgresql://u:" + "p4ss" * 30 + "@h/db")
+
+    error = failure(tmp_path, tree)
+
+    assert "p4ssp4ss" not in str(error)
+    assert "u:***@h/db" in str(error)
+
+
+def test_secret_is_not_quoted_when_it_is_itself_invalid(tmp_path: Path) -> None:
+    """An invalid api_secret is reported without echoing what was given."""
+    tree = changed(minimal(), "engagelab.api_secret", f" {SECRET}")
+
+    error = failure(tmp_path, tree)
+
+    assert error.key == "engagelab.api_secret"
+    assert SECRET not in str(error)
+
+
+def test_secret_never_appears_in_repr_or_redacted(tmp_path: Path) -> None:
+    """repr, str and redacted() of loaded settings hide the secret and URL passwords."""
+    tree = changed(minimal(), "source.url", "postgresql://reader:db-pass-77@replica/app")
+    tree = changed(tree, "state.url", "postgresql://writer:db-pass-88@state-db/cdc")
+    settings = load(tmp_path, tree)
+
+    shown = [repr(settings), str(settings), repr(settings.engagelab), str(settings.redacted())]
+
+    for text in shown:
+        assert SECRET not in text
+        assert "db-pass-77" not in text
+        assert "db-pass-88" not in text
+    assert settings.redacted()["engagelab"]["api_secret"] == "***"
+    assert settings.redacted()["source"]["url"] == "postgresql+psycopg://reader:***@replica/app"
+
+
+def test_redacted_is_plain_data_in_config_syntax(tmp_path: Path) -> None:
+    """redacted() returns YAML-shaped plain data with durations written as in the file."""
+    settings = load(tmp_path, changed(minimal(), "source.schema", "app"))
+
+    data = settings.redacted()
+
+    assert data["source"]["schema"] == "app"
+    assert data["source"]["lookback"] == "5m"
+    assert data["retry"] == {"base": "30s", "max": "1h", "max_attempts": 20}
+    assert yaml.safe_load(yaml.safe_dump(data)) == data
+
+
+def test_url_passwords_are_masked_in_errors(tmp_path: Path) -> None:
+    """An echoed URL has its password replaced, wherever in the file it sits."""
+    tree = changed(minimal(), "engagelab.base_url", "https://user:hunter22@host?x")
+
+    error = failure(tmp_path, tree)
+
+    assert "hunter22" not in str(error)
+    assert "user:***@host" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("postgresql://u:p@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("a x://u:p@h b y://v:q@i", "a x://u:***@h b y://v:***@i"),
+    ],
+)
+def test_mask_password(text: str, expected: str) -> None:
+    """mask_password hides every URL password in a text and nothing else."""
+    assert mask_password(text) == expected
+
+
+# --- database URLs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgres://r@h:5432/app", "postgresql+psycopg://r@h:5432/app"),
+        ("postgresql://r@h:5432/app", "postgresql+psycopg://r@h:5432/app"),
+        ("postgresql+psycopg://r@h/app", "postgresql+psycopg://r@h/app"),
+        ("postgresql+psycopg2://r@h/app", "postgresql+psycopg2://r@h/app"),
+    ],
+)
+def test_postgres_urls_name_psycopg(tmp_path: Path, given: str, expected: str) -> None:
+    """postgres:// and driverless postgresql:// URLs are rewritten to postgresql+psycopg://."""
+    tree = changed(minimal(), "source.url", given)
+    tree = changed(tree, "state.url", given.replace("/app", "/cdc"))
+
+    settings = load(tmp_path, tree)
+
+    assert settings.source.url == expected
+    assert settings.state.url == expected.replace("/app", "/cdc")
+
+
+@pytest.mark.parametrize(
+    ("given", "relative"),
+    [
+        ("sqlite:///state.db", "state.db"),
+        ("sqlite:///sub/state.db", "sub/state.db"),
+        ("sqlite+pysqlite:///state.db", "state.db"),
+        ("sqlite:///../state.db", "../state.db"),
+    ],
+)
+def test_relative_sqlite_path_is_anchored_at_config_dir(
+    tmp_path: Path, given: str, relative: str
+) -> None:
+    """A relative SQLite path is resolved against the config file's directory, not the cwd."""
+    config_dir = tmp_path / "etc"
+    config_dir.mkdir()
+
+    settings = load(config_dir, changed(minimal(), "state.url", given))
+
+    scheme = given.split(":///")[0]
+    expected = os.path.normpath(config_dir / relative)
+    assert settings.state.url == f"{scheme}:///{expected}"
+
+
+def test_absolute_sqlite_path_is_kept(tmp_path: Path) -> None:
+    """An absolute SQLite path is used as written."""
+    url = f"sqlite:///{tmp_path / 'elsewhere' / 'state.db'}"
+
+    settings = load(tmp_path, changed(minimal(), "state.url", url))
+
+    assert settings.state.url == url
+
+
+def test_relative_sqlite_source_is_anchored_too(tmp_path: Path) -> None:
+    """A relative SQLite source (demo, tests) is anchored at the config directory as well."""
+    settings = load(tmp_path, changed(minimal(), "source.url", "sqlite:///app.db"))
+
+    assert settings.source.url == f"sqlite:///{tmp_path / 'app.db'}"
+
+
+@pytest.mark.parametrize(
+    ("source", "state"),
+    [
+        ("postgresql+psycopg://r@replica/app", "postgresql+psycopg://r@replica/app"),
+        ("postgresql+psycopg://r:a@replica/app", "postgresql+psycopg://r:b@replica/app"),
+        ("postgresql+psycopg://reader@replica/app", "postgres://writer@REPLICA:5432/app"),
+        ("sqlite:///same.db", "sqlite:///same.db"),
+    ],
+)
+def test_state_must_not_be_the_source(tmp_path: Path, source: str, state: str) -> None:
+    """The tracking database is refused when it is the source database under any user or driver."""
+    tree = changed(changed(minimal(), "source.url", source), "state.url", state)
+
+    error = failure(tmp_path, tree)
+
+    assert error.key == "state.url"
+    assert "the tracking database must not be the source database" in error.problem
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        "postgresql+psycopg://r@replica/cdc",
+        "postgresql+psycopg://r@primary/app",
+        "postgresql+psycopg://r@replica:5433/app",
+    ],
+)
+def test_state_on_another_database_is_accepted(tmp_path: Path, state: str) -> None:
+    """Another database name, host or port is a different database and is accepted."""
+    tree = changed(minimal(), "source.url", "postgresql+psycopg://r@replica/app")
+
+    settings = load(tmp_path, changed(tree, "state.url", state))
+
+    assert settings.state.url == state
+
+
+def test_settings_built_in_code_anchor_at_cwd(tmp_path: Path, monkeypatch: Any) -> None:
+    """Settings validated without a config file resolve relative SQLite paths at the cwd."""
+    monkeypatch.chdir(tmp_path)
+    tree = interpolate(minimal(), ENV, "-")
+
+    settings = Settings.model_validate(tree)
+
+    assert settings.state.url == f"sqlite:///{tmp_path / 'cdc-sync-state.db'}"
+    assert settings.config_path == Path("config.yaml")

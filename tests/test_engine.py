@@ -1,0 +1,341 @@
+"""Whole cycles: a real PostgreSQL source, the emulator over HTTP, both state backends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import create_engine, select
+from userdb import CONTACT_COLUMNS, UserDb
+
+from cdc_sync.cli import state_engine
+from cdc_sync.emulator import Emulator, EmulatorServer, Faults
+from cdc_sync.engagelab import EngageLabClient
+from cdc_sync.engine import Engine, EngineSettings
+from cdc_sync.errors import FatalApiError
+from cdc_sync.models import sync_runs
+from cdc_sync.rules import Retry
+from cdc_sync.source import Source, SourceSpec
+from cdc_sync.state import StateStore
+
+
+class Clock:
+    """The engine's clock, moved by the test (the source's clock stays real)."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class World:
+    """A source table, the emulator, a migrated state store and an engine over them."""
+
+    def __init__(
+        self, source_url: str, state_url: str, server: EmulatorServer, emulator: Emulator
+    ) -> None:
+        self.users = UserDb(source_url)
+        self.emulator = emulator
+        self.server = server
+        self.clock = Clock()
+        self.state = StateStore(state_engine(state_url), "users")
+        self.state.migrate()
+        self.source_engine = create_engine(source_url)
+        self.client = EngageLabClient(server.url, "key", "secret", concurrency=4)
+        self.lookback: timedelta | int = timedelta(minutes=5)
+        self.batch_size = 10
+
+    def engine(self, client: EngageLabClient | None = None) -> Engine:
+        spec = SourceSpec("users", "id", "updated_at", "engagelab_euid", CONTACT_COLUMNS)
+        settings = EngineSettings(
+            "users",
+            self.batch_size,
+            self.lookback,
+            Retry(timedelta(seconds=30), timedelta(minutes=10), 5),
+        )
+        return Engine(
+            settings,
+            Source(self.source_engine, spec),
+            self.state,
+            client or self.client,
+            clock=self.clock,
+            jitter=lambda: 0.0,
+        )
+
+    def cycle(self, client: EngageLabClient | None = None):  # type: ignore[no-untyped-def]
+        return self.engine(client).run_cycle()
+
+    def requests(self) -> int:
+        return int(self.emulator.stats()["requests"])
+
+    def status(self, user_id: int) -> dict:  # type: ignore[type-arg]
+        found = self.state.status_of(str(user_id))
+        assert found is not None, f"user {user_id} has no status row"
+        return found
+
+    def close(self) -> None:
+        self.client.close()
+        self.users.dispose()
+        self.source_engine.dispose()
+        self.state.engine.dispose()
+
+
+@pytest.fixture
+def world(pg_database: str, state_url: str) -> Iterator[World]:
+    emulator = Emulator("key", "secret")
+    with EmulatorServer(emulator) as server:
+        w = World(pg_database, state_url, server, emulator)
+        try:
+            yield w
+        finally:
+            w.close()
+
+
+def test_first_cycle_pushes_every_user_with_contacts(world: World) -> None:
+    """Every user with contacts and a valid euid reaches EngageLab once; the rest are skipped."""
+    world.users.add_users(range(1, 26))
+    world.users.insert(
+        [
+            {"id": 26, "email": "x@example.com", "engagelab_euid": None},
+            {"id": 27, "email": "y@example.com", "engagelab_euid": -5},
+            {"id": 28, "email": " ", "mobile": None, "engagelab_euid": 1028},
+        ]
+    )
+
+    report = world.cycle()
+
+    assert world.emulator.contacts == world.users.expected_contacts()
+    assert all(len(world.emulator.received(1000 + i)) == 1 for i in range(1, 26))
+    assert (report.outcome, report.counts.pushed, report.counts.skipped) == ("ok", 25, 3)
+    assert world.status(26)["last_message"] == "euid is empty"
+    assert world.status(27)["last_message"] == "euid -5 is not positive"
+    assert world.status(28)["last_message"] == "no contact values"
+    assert world.status(1)["status"] == "synced"
+
+
+def test_second_cycle_makes_no_call(world: World) -> None:
+    """Re-reading unchanged rows (the lookback window) makes no API call and writes nothing."""
+    world.users.add_users(range(1, 30))
+    world.cycle()
+    before = world.requests()
+
+    report = world.cycle()
+
+    assert world.requests() == before
+    assert (report.counts.pushed, report.counts.unchanged) == (0, report.counts.rows_read)
+
+
+def test_changed_email_pushes_exactly_that_user(world: World) -> None:
+    """Changing one user's email sends one request, for that user, with the new value."""
+    world.users.add_users(range(1, 30))
+    world.cycle()
+    before = world.requests()
+
+    world.users.change(7, email="new@example.com")
+    world.cycle()
+
+    assert world.requests() == before + 1
+    assert world.emulator.received(1007)[-1] == {"email": "new@example.com"}
+
+
+def test_unrelated_column_change_makes_no_call(world: World) -> None:
+    """An update of a column that is not mapped makes no API call."""
+    world.users.add_users(range(1, 10))
+    world.cycle()
+    before = world.requests()
+
+    world.users.change(3, name="someone else")
+    report = world.cycle()
+
+    assert world.requests() == before
+    assert report.counts.unchanged >= 1
+
+
+def test_rows_sharing_a_cursor_value_across_pages_are_all_read_once(world: World) -> None:
+    """Forty rows with one updated_at, read in pages of ten, are each pushed exactly once."""
+    stamp = datetime(2026, 1, 1, tzinfo=UTC)
+    world.users.add_users(range(1, 41), updated_at=stamp)
+
+    report = world.cycle()
+
+    assert report.counts.pushed == 40
+    assert all(len(world.emulator.received(1000 + i)) == 1 for i in range(1, 41))
+    assert report.watermark_after is not None and report.watermark_after.key == 40
+
+
+def test_lookback_catches_a_row_that_commits_late(world: World) -> None:
+    """A row whose updated_at is behind the watermark, but within the lookback, is still seen."""
+    world.users.add_users(range(1, 5))
+    world.cycle()
+
+    world.users.add_users([5], updated_at=datetime.now(UTC) - timedelta(minutes=2))
+    world.cycle()
+
+    assert world.emulator.received(1005) == [{"email": "user5@example.com"}]
+
+
+def test_without_lookback_a_late_row_is_missed(world: World) -> None:
+    """The counter-case: with no lookback the late row is behind the watermark and lost."""
+    world.lookback = timedelta(0)
+    world.users.add_users(range(1, 5))
+    world.cycle()
+
+    world.users.add_users([5], updated_at=datetime.now(UTC) - timedelta(minutes=2))
+    world.cycle()
+
+    assert world.emulator.received(1005) == []
+
+
+def test_transient_failure_is_retried_later_and_does_not_hold_the_watermark(world: World) -> None:
+    """A code -1 answer marks the user retrying with backoff; the others and the watermark go on."""
+    world.users.add_users(range(1, 11))
+    world.emulator.set_faults(Faults(fail_codes={1003: -1}))
+
+    report = world.cycle()
+
+    assert report.counts.retrying == 1 and report.counts.pushed == 9
+    assert report.watermark_after is not None and report.watermark_after.key == 10
+    status = world.status(3)
+    assert (status["status"], status["attempts"], status["last_code"]) == ("retrying", 1, -1)
+    assert status["next_attempt_at"] == world.clock.now + timedelta(seconds=15)
+
+
+def test_pending_retry_is_deferred_until_due(world: World) -> None:
+    """Before its next attempt is due, a retrying user re-read in the lookback is not sent."""
+    world.users.add_users(range(1, 4))
+    world.emulator.set_faults(Faults(fail_codes={1002: -1}))
+    world.cycle()
+    world.emulator.set_faults(Faults())
+    before = world.requests()
+
+    report = world.cycle()
+
+    assert world.requests() == before
+    assert report.counts.deferred == 1
+
+
+def test_due_retry_sends_the_current_row(world: World) -> None:
+    """A due retry re-reads the source: it sends the row's current value, not the failed one."""
+    world.lookback = timedelta(0)  # keep user 2 out of the scan: only the retry queue sends it
+    world.users.add_users(range(1, 4))
+    world.emulator.set_faults(Faults(fail_codes={1002: -1}))
+    world.cycle()
+    world.emulator.set_faults(Faults())
+    world.users.change(2, touch=False, email="current@example.com")
+    world.clock.now += timedelta(minutes=1)
+
+    world.cycle()
+
+    assert world.emulator.received(1002) == [{"email": "current@example.com"}]
+    assert world.status(2)["status"] == "synced"
+
+
+def test_newer_change_supersedes_a_pending_retry(world: World) -> None:
+    """A user who changes again while a retry is pending is sent at once with the newer value."""
+    world.users.add_users(range(1, 4))
+    world.emulator.set_faults(Faults(fail_codes={1002: -1}))
+    world.cycle()
+    world.emulator.set_faults(Faults())
+
+    world.users.change(2, email="newer@example.com")
+    world.cycle()
+
+    assert world.emulator.received(1002) == [{"email": "newer@example.com"}]
+    assert (world.status(2)["status"], world.status(2)["attempts"]) == ("synced", 0)
+
+
+def test_retry_of_a_deleted_row_is_recorded_as_skipped(world: World) -> None:
+    """A user whose row disappears while a retry is pending is skipped, not retried forever."""
+    world.lookback = timedelta(0)
+    world.users.add_users(range(1, 4))
+    world.emulator.set_faults(Faults(fail_codes={1002: -1}))
+    world.cycle()
+    with world.users.engine.begin() as connection:
+        connection.execute(world.users.table.delete().where(world.users.table.c.id == 2))
+    world.clock.now += timedelta(minutes=1)
+
+    world.cycle()
+
+    status = world.status(2)
+    assert (status["status"], status["last_message"]) == ("skipped", "row no longer in the source")
+
+
+def test_permanent_failure_waits_for_the_row_to_change(world: World) -> None:
+    """A 55004 answer is recorded as failed and not retried until the user's row changes."""
+    world.users.add_users(range(1, 4))
+    world.emulator.set_faults(Faults(fail_codes={1001: 55004}))
+    world.cycle()
+    world.clock.now += timedelta(hours=2)
+    before = world.requests()
+
+    world.cycle()
+    unchanged = world.requests()
+    world.emulator.set_faults(Faults())
+    world.users.change(1, email="fixed@example.com")
+    world.cycle()
+
+    assert (world.status(1)["status"], world.status(1)["last_code"]) == ("synced", 0)
+    assert unchanged == before
+    assert world.requests() == before + 1
+
+
+def test_fatal_answer_stops_the_cycle_and_loses_nothing(world: World) -> None:
+    """Wrong credentials stop the cycle at once; no user is marked; a fixed config pushes all."""
+    world.users.add_users(range(1, 31))
+    wrong = EngageLabClient(world.server.url, "key", "wrong", concurrency=2)
+
+    with pytest.raises(FatalApiError) as refused:
+        world.cycle(wrong)
+    wrong.close()
+
+    assert refused.value.code == 40050
+    assert world.requests() <= 2
+    assert world.state.counts_by_status() == {}
+    assert world.state.watermark() is None
+    with world.state.engine.connect() as connection:
+        assert connection.scalar(select(sync_runs.c.outcome)) == "fatal"
+    world.cycle()
+    assert world.emulator.contacts == world.users.expected_contacts()
+
+
+def test_too_many_transient_failures_mark_the_user_failed(world: World) -> None:
+    """After max_attempts transient failures in a row a user is failed and no longer retried."""
+    world.users.add_users([1])
+    world.emulator.set_faults(Faults(fail_codes={1001: -1}))
+
+    for _ in range(5):
+        world.cycle()
+        world.clock.now += timedelta(hours=1)
+
+    status = world.status(1)
+    assert (status["status"], status["attempts"]) == ("failed", 5)
+    assert status["last_message"].startswith("gave up after 5 attempts")
+
+
+def test_one_bad_row_never_stops_the_others(world: World) -> None:
+    """Rows with bad euids or no contacts sit among good ones; every good one is pushed."""
+    world.users.add_users(range(1, 21))
+    for bad in (4, 9, 15):
+        world.users.change(bad, engagelab_euid=-bad)
+    world.users.change(12, email=None)
+
+    report = world.cycle()
+
+    assert report.counts.pushed == 16 and report.counts.skipped == 4
+    assert world.emulator.contacts == world.users.expected_contacts()
+
+
+def test_run_history_records_each_cycle(world: World) -> None:
+    """Each cycle leaves one finished run row with its counts and watermarks."""
+    world.users.add_users(range(1, 6))
+
+    world.cycle()
+    world.cycle()
+
+    runs = world.state.recent_runs()
+    assert [r["outcome"] for r in runs] == ["ok", "ok"]
+    assert [r["pushed"] for r in runs] == [0, 5]
+    assert runs[1]["watermark_before"] is None and runs[0]["watermark_before"] is not None
+    assert all(r["finished_at"] is not None for r in runs)

@@ -1,0 +1,179 @@
+"""The source reader against real PostgreSQL and SQLite tables."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, event, text
+from userdb import CONTACT_COLUMNS, UserDb
+
+from cdc_sync.errors import SourceError
+from cdc_sync.rules import Position
+from cdc_sync.source import Source, SourceSpec, lookback_start
+
+SPEC = SourceSpec("users", "id", "updated_at", "engagelab_euid", CONTACT_COLUMNS)
+STAMP = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def users(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[UserDb]:
+    url = (request.getfixturevalue("pg_database") if request.param == "postgres"
+           else f"sqlite:///{tmp_path}/app.db")
+    db = UserDb(url)
+    yield db
+    db.dispose()
+
+
+def source_for(db: UserDb, spec: SourceSpec = SPEC) -> Source:
+    return Source(create_engine(db.url), spec)
+
+
+def read_all(source: Source, size: int) -> list[Any]:
+    rows, after = [], None
+    while page := source.read_page(after, None, size):
+        rows += page
+        after = Position(page[-1].cursor, page[-1].key)
+    return rows
+
+
+def test_pages_cover_ties_exactly_once(users: UserDb) -> None:
+    """Keyset pages over rows sharing cursor values return each row once, in (cursor, key) order."""
+    users.add_users(range(1, 24), updated_at=STAMP)
+    users.add_users(range(24, 31), updated_at=STAMP - timedelta(seconds=1))
+
+    rows = read_all(source_for(users), 4)
+
+    assert [r.key for r in rows] == [*range(24, 31), *range(1, 24)]
+
+
+def test_start_reads_from_a_cursor_value_inclusive(users: UserDb) -> None:
+    """A cycle's first page starts at the lookback point, including rows exactly at it."""
+    users.add_users([1], updated_at=STAMP - timedelta(minutes=10))
+    users.add_users([2], updated_at=STAMP - timedelta(minutes=5))
+    users.add_users([3], updated_at=STAMP)
+
+    rows = source_for(users).read_page(None, STAMP - timedelta(minutes=5), 10)
+
+    assert [r.key for r in rows] == [2, 3]
+
+
+def test_rows_carry_raw_values_by_contact_key(users: UserDb) -> None:
+    """A row maps contact keys to the raw column values, NULLs included."""
+    users.insert([{"id": 1, "email": "a@b.c", "mobile": " 090 ", "engagelab_euid": 7,
+                   "updated_at": STAMP}])
+
+    [row] = source_for(users).read_page(None, None, 10)
+
+    assert (row.key, row.euid) == (1, 7)
+    assert row.contacts == {"email": "a@b.c", "mobile_phone": " 090 ", "landline_phone": None,
+                            "whatsapp_phone": None}
+
+
+def test_read_keys_returns_current_rows(users: UserDb) -> None:
+    """Reading by key returns the rows that exist, typed back from the status table's text."""
+    users.add_users(range(1, 6))
+    source = source_for(users)
+
+    rows = source.read_keys([source.key_from_text(k) for k in ("2", "4", "99")])
+
+    assert [r.key for r in rows] == [2, 4]
+
+
+def test_missing_table_names_it(users: UserDb) -> None:
+    """A table that does not exist is a SourceError naming it."""
+    spec = SourceSpec("people", "id", "updated_at", "engagelab_euid", CONTACT_COLUMNS)
+
+    with pytest.raises(SourceError, match="the source table people does not exist"):
+        source_for(users, spec).open()
+
+
+def test_missing_column_names_it_and_lists_the_real_ones(users: UserDb) -> None:
+    """A column that does not exist is named, with the columns that do."""
+    spec = SourceSpec("users", "id", "modified", "engagelab_euid", {"email": "mail"})
+
+    with pytest.raises(SourceError) as error:
+        source_for(users, spec).open()
+
+    assert "has no column modified, mail" in str(error.value)
+    assert "updated_at" in error.value.hint
+
+
+def test_cursor_index_is_found(users: UserDb) -> None:
+    """The (cursor, key) index is recognised by its columns."""
+    assert source_for(users).cursor_index() == "users_updated_at_id_idx"
+
+
+def test_missing_index_gets_a_create_statement(pg_database: str) -> None:
+    """Without the index, check has the statement to create it, concurrently on PostgreSQL."""
+    db = UserDb(pg_database, index=False)
+    source = source_for(db)
+
+    assert source.cursor_index() is None
+    assert source.index_statement() == (
+        "CREATE INDEX CONCURRENTLY users_updated_at_id_idx ON users (updated_at, id);")
+    db.dispose()
+
+
+def recorded_statements(engine: Engine) -> list[str]:
+    seen: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement.strip().split()[0].upper())
+
+    return seen
+
+
+def test_source_only_reads_in_read_only_transactions(pg_database: str) -> None:
+    """Every statement the reader sends is a SELECT inside a transaction declared read-only."""
+    db = UserDb(pg_database)
+    db.add_users(range(1, 10))
+    engine = create_engine(pg_database)
+    seen = recorded_statements(engine)
+    source = Source(engine, SPEC).open()
+
+    read_all(source, 3)
+    source.read_keys([1, 2])
+
+    assert set(seen) == {"SELECT", "SET"}
+    assert seen.count("SET") == 2 * 5  # READ ONLY + statement_timeout, for each of 5 queries
+    db.dispose()
+
+
+def test_statement_timeout_cancels_a_slow_read(pg_database: str) -> None:
+    """A source query slower than statement_timeout is cancelled and reported, not waited on."""
+    db = UserDb(pg_database)
+    db.add_users(range(1, 3))
+    with db.engine.begin() as connection:
+        connection.execute(text(
+            "CREATE VIEW slow_users AS SELECT u.* FROM users u, LATERAL pg_sleep(2)"))
+    spec = SourceSpec("slow_users", "id", "updated_at", "engagelab_euid", CONTACT_COLUMNS,
+                      statement_timeout=timedelta(milliseconds=200))
+
+    with pytest.raises(SourceError, match="statement timeout"):
+        source_for(db, spec).read_page(None, None, 10)
+    db.dispose()
+
+
+@pytest.mark.parametrize(
+    ("cursor", "lookback", "start"),
+    [
+        (STAMP, timedelta(minutes=5), STAMP - timedelta(minutes=5)),
+        (STAMP.date(), timedelta(days=1), STAMP.date() - timedelta(days=1)),
+        (1000, 50, 950),
+    ],
+)
+def test_lookback_start(cursor: Any, lookback: Any, start: Any) -> None:
+    """The first page starts the lookback before the watermark's cursor."""
+    assert lookback_start(Position(cursor, 1), lookback) == start
+    assert lookback_start(None, lookback) is None
+
+
+@pytest.mark.parametrize(("cursor", "lookback"), [(STAMP, 300), (1000, timedelta(minutes=5))])
+def test_lookback_that_does_not_fit_the_cursor_is_refused(cursor: Any, lookback: Any) -> None:
+    """A duration lookback on a numeric cursor, or a number on a timestamp, is a clear error."""
+    with pytest.raises(SourceError, match="does not fit a cursor"):
+        lookback_start(Position(cursor, 1), lookback)

@@ -1,0 +1,183 @@
+"""The state store on SQLite and PostgreSQL: upserts, watermark, retries, schema checks."""
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cdc_sync.cli import state_engine
+from cdc_sync.errors import StateError
+from cdc_sync.rules import Position, Record, Status, Update
+from cdc_sync.state import StateStore, decode_value, encode_value
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(state_url: str) -> Iterator[StateStore]:
+    s = StateStore(state_engine(state_url), "users")
+    s.migrate()
+    yield s
+    s.engine.dispose()
+
+
+def upd(key: str, status: Status = Status.SYNCED, *, pushed: str | None = "h1",
+        attempted: str = "h1", attempts: int = 0, attempted_at: datetime | None = NOW,
+        succeeded_at: datetime | None = NOW, next_at: datetime | None = None,
+        code: int | None = 0, message: str = "success") -> Update:
+    return Update(key, 42, status, pushed, attempted, attempts, code, message, attempted_at,
+                  succeeded_at, next_at)
+
+
+def test_commit_page_inserts_then_updates(store: StateStore) -> None:
+    """A user's row is created once and then updated in place, keeping first_seen_at."""
+    store.commit_page([upd("1")], None, NOW)
+    later = NOW + timedelta(hours=1)
+
+    store.commit_page([upd("1", Status.RETRYING, attempted="h2", attempts=1, attempted_at=later,
+                           succeeded_at=None, next_at=later + timedelta(seconds=30), code=-1,
+                           message="internal error", pushed=None)], None, later)
+
+    row = store.status_of("1")
+    assert row is not None
+    assert (row["status"], row["attempts"], row["last_code"]) == ("retrying", 1, -1)
+    assert row["pushed_hash"] == "h1"  # a failed attempt never forgets what EngageLab holds
+    assert row["last_success_at"] == NOW  # kept when the update carries none
+    assert (row["first_seen_at"], row["updated_at"], row["last_attempt_at"]) == (NOW, later, later)
+    assert row["next_attempt_at"] == later + timedelta(seconds=30)
+
+
+def test_records_reads_a_page_in_one_call(store: StateStore) -> None:
+    """records() returns exactly the known users among the keys asked for."""
+    store.commit_page([upd(str(i)) for i in range(5)], None, NOW)
+
+    found = store.records(["1", "3", "99"])
+
+    assert found == {k: Record(Status.SYNCED, "h1", "h1", 0, None) for k in ("1", "3")}
+    assert store.records([]) == {}
+
+
+def test_watermark_round_trips_and_is_per_sync(store: StateStore) -> None:
+    """The watermark keeps its types and belongs to one sync name only."""
+    position = Position(datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), 12345)
+
+    store.commit_page([], position, NOW)
+    other = StateStore(store.engine, "other")
+
+    assert store.watermark() == position
+    assert other.watermark() is None
+
+
+def test_page_outcomes_and_watermark_commit_together(store: StateStore) -> None:
+    """A failure while recording a page leaves neither its outcomes nor its watermark behind."""
+    bad = upd("2", attempts=None)  # type: ignore[arg-type]  # NOT NULL on both backends
+
+    with pytest.raises(StateError):
+        store.commit_page([upd("1"), bad], Position(5, 5), NOW)
+
+    assert store.records(["1", "2"]) == {}
+    assert store.watermark() is None
+
+
+def test_due_retries_are_oldest_first_and_only_due(store: StateStore) -> None:
+    """Only retrying users whose next attempt has come are returned, earliest first."""
+    store.commit_page([
+        upd("late", Status.RETRYING, next_at=NOW + timedelta(minutes=5)),
+        upd("b", Status.RETRYING, next_at=NOW - timedelta(minutes=1)),
+        upd("a", Status.RETRYING, next_at=NOW - timedelta(minutes=9)),
+        upd("failed", Status.FAILED),
+    ], None, NOW)
+
+    assert store.due_retries(NOW, 10) == ["a", "b"]
+    assert store.due_retries(NOW, 1) == ["a"]
+
+
+def test_runs_are_started_and_finished(store: StateStore) -> None:
+    """A run row is opened as running and closed with its outcome and counts."""
+    from cdc_sync.state import RunCounts
+
+    run_id = store.start_run(NOW, Position(1, 2))
+    store.finish_run(run_id, NOW, "ok", RunCounts(rows_read=3, pushed=2, skipped=1), Position(3, 4))
+
+    [run] = store.recent_runs()
+    assert (run["outcome"], run["rows_read"], run["pushed"], run["skipped"]) == ("ok", 3, 2, 1)
+    assert (run["watermark_before"], run["watermark_after"]) == ("[1, 2]", "[3, 4]")
+
+
+def test_problems_list_failed_before_retrying_before_skipped(store: StateStore) -> None:
+    """The status view lists users that did not reach EngageLab, worst first, never synced ones."""
+    store.commit_page([upd("s", Status.SKIPPED), upd("r", Status.RETRYING), upd("f", Status.FAILED),
+                       upd("ok")], None, NOW)
+
+    assert [p["source_key"] for p in store.recent_problems()] == ["f", "r", "s"]
+    assert store.counts_by_status() == {"synced": 1, "retrying": 1, "failed": 1, "skipped": 1}
+
+
+def test_unmigrated_database_names_the_fix(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A tracking database without tables is refused with the command that fixes it."""
+    store = StateStore(state_engine(f"sqlite:///{tmp_path}/empty.db"), "users")
+
+    with pytest.raises(StateError) as error:
+        store.require_schema()
+
+    assert "has no tracking tables" in str(error.value)
+    assert error.value.hint == "run `cdc-sync migrate`"
+
+
+def test_database_behind_names_the_fix(state_url: str) -> None:
+    """A tracking database at an older revision is refused the same way."""
+    store = StateStore(state_engine(state_url), "users")
+    store.migrate()
+    store.downgrade("base")
+
+    with pytest.raises(StateError, match="run `cdc-sync migrate`"):
+        store.require_schema()
+
+
+def test_unreachable_database_is_a_state_error() -> None:
+    """A tracking database that cannot be reached gives a StateError naming it, without password."""
+    store = StateStore(state_engine("postgresql+psycopg://u:hunter2@127.0.0.1:1/state"), "users")
+
+    with pytest.raises(StateError) as error:
+        store.watermark()
+
+    assert "127.0.0.1:1/state" in str(error.value)
+    assert "hunter2" not in str(error.value)
+
+
+values = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.text(max_size=30),
+    st.datetimes(timezones=st.sampled_from([UTC, None])),
+    st.dates(),
+    st.decimals(allow_nan=False, allow_infinity=False),
+    st.uuids(),
+)
+
+
+@given(values)
+def test_watermark_values_round_trip(value: object) -> None:
+    """Every cursor or key type comes back from the database equal and of the same type."""
+    decoded = decode_value(encode_value(value))
+
+    assert decoded == value
+    assert type(decoded) is type(value)
+
+
+@pytest.mark.parametrize("value", [True, 1.5, b"x", None])
+def test_unsupported_watermark_types_are_refused(value: object) -> None:
+    """A boolean, float, bytes or NULL cursor is refused rather than stored lossily."""
+    with pytest.raises(TypeError):
+        encode_value(value)
+
+
+def test_encoded_values_are_readable() -> None:
+    """The stored text names its type and is readable by an operator."""
+    assert encode_value(42) == "int:42"
+    assert encode_value(uuid.UUID(int=1)) == "uuid:00000000-0000-0000-0000-000000000001"
+    assert encode_value(date(2026, 1, 2)) == "date:2026-01-02"
+    assert encode_value(Decimal("1.50")) == "decimal:1.50"
