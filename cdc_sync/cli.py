@@ -46,7 +46,8 @@ class App:
         if self.client is None:
             self.client = build_client(s)
         retry = Retry(s.retry.base, s.retry.max, s.retry.max_attempts)
-        knobs = EngineSettings(s.name, s.source.batch_size, s.source.lookback, retry)
+        audit_rows = s.audit.rows_per_cycle if s.audit.enabled else 0
+        knobs = EngineSettings(s.name, s.source.batch_size, s.source.lookback, retry, audit_rows)
         return Engine(knobs, self.source, self.state, self.client)
 
 
@@ -81,6 +82,7 @@ def source_spec(s: Settings) -> SourceSpec:
         euid=src.euid,
         contacts={key: column for key, column in s.contacts.items()},
         statement_timeout=src.statement_timeout,
+        cursor_mode=src.cursor_mode,
     )
 
 

@@ -352,7 +352,9 @@ class SourceSettings(BaseModel):
     cursor: Text
     euid: Text
     batch_size: Number = Field(default=500, ge=1, le=10_000)
+    cursor_mode: Annotated[Literal["timestamp", "xid8"], BeforeValidator(_lower)] = "timestamp"
     lookback: Lookback = timedelta(minutes=5)
+    max_transaction: Duration | None = None
     statement_timeout: PositiveDuration = timedelta(seconds=30)
 
     @field_validator("url")
@@ -444,6 +446,15 @@ class EngageLabSettings(BaseModel):
         return self
 
 
+class AuditSettings(BaseModel):
+    """The paced sweep over the whole table that finds and repairs missed changes."""
+
+    model_config = _MODEL_CONFIG
+
+    enabled: bool = False
+    rows_per_cycle: Number = Field(default=10_000, ge=1, le=1_000_000)
+
+
 class ScheduleSettings(BaseModel):
     """How often a cycle starts."""
 
@@ -506,6 +517,7 @@ class Settings(BaseModel):
     engagelab: EngageLabSettings
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     _config_path: Path = PrivateAttr(default=Path(DEFAULT_CONFIG_FILE))

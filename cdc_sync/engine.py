@@ -20,8 +20,8 @@ import structlog
 from cdc_sync.engagelab import ApiResult, Verdict
 from cdc_sync.errors import CdcSyncError, FatalApiError
 from cdc_sync.mapping import Mapped, Payload, Skip, SourceRow, map_row
-from cdc_sync.rules import Action, Position, Retry, Status, advance, decide, settle
-from cdc_sync.source import Source, lookback_start
+from cdc_sync.rules import Action, Position, Retry, Status, advance, decide, missed, settle
+from cdc_sync.source import Horizon, Source, lookback_start
 from cdc_sync.state import RunCounts, StateStore
 
 log = structlog.get_logger("cdc_sync.engine")
@@ -55,6 +55,7 @@ class EngineSettings:
     batch_size: int
     lookback: timedelta | int
     retry: Retry
+    audit_rows: int = 0  # rows the audit sweep reads per cycle; 0: no audit
 
 
 class Engine:
@@ -87,7 +88,10 @@ class Engine:
         log.info("cycle_started", sync=self.settings.name, run_id=run_id)
         outcome, error = "ok", None
         try:
+            cycle.horizon = self.source.horizon()
             cycle.scan(stop)
+            if self.settings.audit_rows and not stop.is_set():
+                cycle.audit(stop)
             if not stop.is_set():
                 cycle.retry_due(stop)
             if stop.is_set():
@@ -103,12 +107,16 @@ class Engine:
             raise
         finally:
             counts = cycle.counts()
-            self.state.finish_run(run_id, self.clock(), outcome, counts, cycle.watermark, error)
+            lag = cycle.horizon.replica_lag
+            self.state.finish_run(
+                run_id, self.clock(), outcome, counts, cycle.watermark, error, lag
+            )
             log.info(
                 "cycle_finished",
                 sync=self.settings.name,
                 run_id=run_id,
                 outcome=outcome,
+                replica_lag_s=lag,
                 **counts.as_dict(),
             )
         return CycleReport(run_id, outcome, counts, before, cycle.watermark, error)
@@ -120,13 +128,18 @@ class _Cycle:
     def __init__(self, engine: Engine, watermark: Position | None) -> None:
         self.engine = engine
         self.watermark = watermark
+        self.horizon = Horizon()
         self.tally: Counter[str] = Counter()
 
     def scan(self, stop: threading.Event) -> None:
         e = self.engine
         size = e.settings.batch_size
-        start = lookback_start(self.watermark, e.settings.lookback)
         after: Position | None = None
+        start = None
+        if e.source.spec.gap_free:
+            after = self.watermark  # exact: nothing can commit behind it
+        else:
+            start = lookback_start(self.watermark, e.settings.lookback)
         while True:
             rows = e.source.read_page(after, start, size)
             if not rows:
@@ -182,7 +195,7 @@ class _Cycle:
         watermark = self.watermark
         if not retrying:
             positions = [Position(row.cursor, row.key) for row in rows]
-            watermark = advance(self.watermark, positions, recorded)
+            watermark = advance(self.watermark, positions, recorded, self.horizon.ceiling)
         e.state.commit_page(updates, watermark, now)
         self.watermark = watermark
         log.info("page_recorded", sync=salt, rows=len(rows), pushed=len(sending), retrying=retrying)
@@ -197,6 +210,44 @@ class _Cycle:
                 message=fatal.message,
             )
             raise FatalApiError(fatal.code, fatal.status, fatal.message)
+
+    def audit(self, stop: threading.Event) -> None:
+        """Sweep the next slice of the table in key order; re-queue users out of step.
+
+        Only rows the poller is done with are judged: behind the watermark (and, in timestamp
+        mode, behind its lookback window, which the next cycle reads again anyway). A re-queued
+        user is due at once, so the retry phase of this very cycle pushes its current row.
+        """
+        e = self.engine
+        if self.watermark is None:
+            return
+        done_below = (
+            self.watermark if e.source.spec.gap_free
+            else Position(lookback_start(self.watermark, e.settings.lookback), None)
+        )
+        budget = e.settings.audit_rows
+        after = e.state.audit_position()
+        while budget > 0 and not stop.is_set():
+            size = min(budget, e.settings.batch_size)
+            rows = e.source.read_by_key(after, size)
+            if not rows and after is not None:  # the last slice ended exactly at the end
+                after = None
+                continue
+            budget -= len(rows)
+            after = rows[-1].key if len(rows) == size else None  # a short page: wrap around
+            judged = [r for r in rows if _behind(r, done_below, e.source.spec.gap_free)]
+            mapped = [map_row(r, salt=e.settings.name) for r in judged]
+            keys = [str(r.key) for r in judged]
+            records = e.state.records(keys)
+            out = [(k, m.euid) for k, m in zip(keys, mapped, strict=True)
+                   if missed(m, records.get(k))]
+            e.state.requeue([k for k, _ in out], [euid for _, euid in out], e.clock(), after)
+            self.tally["audit_checked"] += len(judged)
+            self.tally["audit_misses"] += len(out)
+            if out:
+                log.warning("audit_found_misses", sync=e.settings.name, users=len(out))
+            if after is None:
+                return
 
     def forget_vanished(self, keys: set[str]) -> None:
         """Users due for a retry whose row is gone from the source are recorded as skipped."""
@@ -220,6 +271,12 @@ class _Cycle:
 
 
 _VANISHED = Skip("row no longer in the source")
+
+
+def _behind(row: SourceRow, limit: Position, exact: bool) -> bool:
+    if exact:
+        return (row.cursor, row.key) <= (limit.cursor, limit.key)
+    return bool(row.cursor < limit.cursor)
 
 
 def _payload(mapped: Mapped) -> Payload:

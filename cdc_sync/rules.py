@@ -189,19 +189,33 @@ class Position:
 
 
 def advance(
-    current: Position | None, page: Sequence[Position], recorded: Sequence[bool]
+    current: Position | None,
+    page: Sequence[Position],
+    recorded: Sequence[bool],
+    ceiling: Any = None,
 ) -> Position | None:
     """The watermark after a page: the last row of the longest fully recorded prefix, never lower.
 
     ``page`` is in ``(cursor, key)`` order and ``recorded[i]`` says whether row i's outcome is
     durable. A row that was not recorded (the cycle stopped before it was sent) holds the watermark
     before it, so it is read again; rows after it that were recorded are re-read and found
-    unchanged, at the cost of a hash comparison.
+    unchanged, at the cost of a hash comparison. A row whose cursor is beyond ``ceiling`` (the
+    source's clock) holds it too: it was stamped by a clock running ahead, and moving past it
+    would skip rows that commit later with honest timestamps.
     """
     best = current
     for position, done in zip(page, recorded, strict=True):
-        if not done:
+        if not done or (ceiling is not None and position.cursor > ceiling):
             break
         if best is None or (position.cursor, position.key) > (best.cursor, best.key):
             best = position
     return best
+
+
+def missed(mapped: Mapped, record: Record | None) -> bool:
+    """Whether the audit should re-queue a user the poller is done with.
+
+    In step means: EngageLab holds this payload (``pushed_hash``), or its outcome is recorded or
+    pending (``attempted_hash``: retrying, failed, or skipped for this very content).
+    """
+    return record is None or mapped.hash not in (record.pushed_hash, record.attempted_hash)

@@ -7,18 +7,82 @@ row-value comparison, so rows sharing a cursor value are neither lost nor read t
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Column, Engine, MetaData, Select, Table, inspect, select, tuple_
-from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
+import structlog
+from sqlalchemy import (
+    Column,
+    Dialect,
+    Engine,
+    MetaData,
+    Select,
+    Table,
+    Text,
+    cast,
+    func,
+    inspect,
+    literal,
+    select,
+    text,
+    tuple_,
+    type_coerce,
+)
+from sqlalchemy.dialects.postgresql.base import ischema_names
+from sqlalchemy.exc import DBAPIError, NoSuchTableError, SQLAlchemyError
+from sqlalchemy.types import UserDefinedType
 
 from cdc_sync.errors import SourceError
 from cdc_sync.mapping import SourceRow
 from cdc_sync.rules import Position
+
+log = structlog.get_logger("cdc_sync.source")
+
+# SQLSTATEs worth a fresh transaction: a hot standby cancels queries that conflict with replay
+# (40001), a deadlock victim (40P01), and the server going away or restarting (08xxx, 57P0x).
+# A statement timeout (57014) is not retried: the query is slow, and would be slow again.
+RETRYABLE_STATES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03"})
+READ_ATTEMPTS = 4
+
+
+class Xid8(UserDefinedType[int]):
+    """PostgreSQL's 64-bit transaction id type, read and bound as a Python int."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "xid8"
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any]:
+        return lambda value: None if value is None else str(value)
+
+    def bind_expression(self, bindvalue: Any) -> Any:
+        # xid8 has no comparison with integers and no binary input from psycopg: send text, cast.
+        return cast(type_coerce(bindvalue, Text), self)
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], Any]:
+        return lambda value: None if value is None else int(value)
+
+
+ischema_names.setdefault("xid8", Xid8)  # reflect xid8 columns as Xid8, not as an unknown type
+
+
+@dataclass(frozen=True, slots=True)
+class Horizon:
+    """What the source says at the start of a cycle.
+
+    ``ceiling``: the source's clock in the cursor column's type; the watermark never passes it,
+    so a row stamped by a clock running ahead cannot carry the watermark past rows that are not
+    visible yet. ``replica_lag``: seconds the replica is behind its primary (0 when caught up,
+    None when the source is not a replica).
+    """
+
+    ceiling: Any = None
+    replica_lag: float | None = None
 
 
 @dataclass(frozen=True)
@@ -32,6 +96,11 @@ class SourceSpec:
     contacts: Mapping[str, str]
     schema: str | None = None
     statement_timeout: timedelta = timedelta(seconds=30)
+    cursor_mode: str = "timestamp"  # or "xid8": gap-free, see page_query
+
+    @property
+    def gap_free(self) -> bool:
+        return self.cursor_mode == "xid8"
 
     @property
     def qualified_table(self) -> str:
@@ -51,11 +120,18 @@ def page_query(
     ``after`` resumes within a cycle (strictly greater, row-value comparison so an index on
     ``(cursor, key)`` serves it as one range scan). ``start`` opens a cycle at the watermark
     minus the lookback (inclusive, since rows at that cursor may have committed late).
+
+    In xid8 mode only rows written by transactions older than the oldest one still running are
+    read: no transaction that commits later can have a smaller id, so nothing lands behind.
     """
     cursor, key = table.c[spec.cursor], table.c[spec.key]
     query = select(*(table.c[name] for name in spec.columns())).order_by(cursor, key).limit(limit)
+    if spec.gap_free:
+        query = query.where(cursor < func.pg_snapshot_xmin(func.pg_current_snapshot()))
     if after is not None:
-        return query.where(tuple_(cursor, key) > tuple_(after.cursor, after.key))
+        # Bind with the columns' own types (tuple_ would guess from the Python values).
+        bound = tuple_(literal(after.cursor, cursor.type), literal(after.key, key.type))
+        return query.where(tuple_(cursor, key) > bound)
     if start is not None:
         return query.where(cursor >= start)
     return query
@@ -79,9 +155,16 @@ def lookback_start(watermark: Position | None, lookback: timedelta | int) -> Any
 class Source:
     """Reads the configured table; reflects it once on :meth:`open`."""
 
-    def __init__(self, engine: Engine, spec: SourceSpec) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        spec: SourceSpec,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.engine = engine
         self.spec = spec
+        self._sleep = sleep
         self._table: Table | None = None
 
     @property
@@ -112,7 +195,29 @@ class Source:
                 f"the source table {spec.qualified_table} has no column {', '.join(missing)}",
                 f"its columns are: {', '.join(table.c.keys())}",
             )
+        if spec.gap_free and not isinstance(table.c[spec.cursor].type, Xid8):
+            raise SourceError(
+                f"cursor_mode xid8 needs an xid8 cursor column, but {spec.cursor} is "
+                f"{table.c[spec.cursor].type}",
+                "add the column, trigger and index shown in the README (gap-free cursor mode), "
+                "or use cursor_mode: timestamp",
+            )
         return table
+
+    def horizon(self) -> Horizon:
+        """The source's clock (as a cursor ceiling) and replica lag, in one short query."""
+        if self.engine.dialect.name != "postgresql":
+            return Horizon()
+        cursor = self.table.c[self.spec.cursor]
+        temporal = _python_type(cursor) in (datetime, date)
+        ceiling = cast(func.now(), cursor.type) if temporal and not self.spec.gap_free else None
+        lag = text(
+            "CASE WHEN NOT pg_is_in_recovery() THEN NULL"
+            " WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0.0"
+            " ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END"
+        )
+        [row] = self._run(select(ceiling if ceiling is not None else text("NULL"), lag))
+        return Horizon(row[0], row[1])
 
     def read_page(self, after: Position | None, start: Any, limit: int) -> list[SourceRow]:
         return self._read(page_query(self.table, self.spec, after, start, limit))
@@ -125,6 +230,14 @@ class Source:
         query = select(*(self.table.c[n] for n in self.spec.columns())).where(column.in_(keys))
         return self._read(query.order_by(column))
 
+    def read_by_key(self, after: Any, limit: int) -> list[SourceRow]:
+        """A page in key order after key ``after`` (None: from the start): the audit's sweep."""
+        column = self.table.c[self.spec.key]
+        query = select(*(self.table.c[n] for n in self.spec.columns()))
+        if after is not None:
+            query = query.where(column > after)
+        return self._read(query.order_by(column).limit(limit))
+
     def key_from_text(self, text: str) -> Any:
         """A key as stored in the status table (text) back in the source column's type."""
         kind = _python_type(self.table.c[self.spec.key])
@@ -134,17 +247,32 @@ class Source:
             return uuid.UUID(text)
         return text
 
+    def _run(self, query: Select[Any]) -> Sequence[Any]:
+        """Run one query in its own short read-only transaction, retrying what a replica throws.
+
+        A recovery conflict or a dropped connection gets a fresh transaction on a fresh
+        connection after a short backoff; anything else, or the last failure, is a SourceError.
+        """
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                with self.engine.connect() as connection, connection.begin():
+                    if self.engine.dialect.name == "postgresql":
+                        millis = int(self.spec.statement_timeout.total_seconds() * 1000)
+                        connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+                        connection.exec_driver_sql(f"SET LOCAL statement_timeout = {millis}")
+                    return connection.execute(query).all()
+            except SQLAlchemyError as exc:
+                if attempt == READ_ATTEMPTS or not retryable(exc):
+                    raise self._failure(exc) from exc
+                delay = 0.2 * 4 ** (attempt - 1)
+                log.warning("source_read_retried", attempt=attempt, delay_s=delay,
+                            sqlstate=_sqlstate(exc), error=_first_line(exc))
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
     def _read(self, query: Select[Any]) -> list[SourceRow]:
         spec = self.spec
-        try:
-            with self.engine.connect() as connection, connection.begin():
-                if self.engine.dialect.name == "postgresql":
-                    millis = int(spec.statement_timeout.total_seconds() * 1000)
-                    connection.exec_driver_sql("SET TRANSACTION READ ONLY")
-                    connection.exec_driver_sql(f"SET LOCAL statement_timeout = {millis}")
-                rows = connection.execute(query).all()
-        except SQLAlchemyError as exc:
-            raise self._failure(exc) from exc
+        rows = self._run(query)
         return [
             SourceRow(
                 key=row._mapping[spec.key],
@@ -174,9 +302,8 @@ class Source:
         return f"CREATE INDEX {name} ON {on};"
 
     def _failure(self, exc: SQLAlchemyError) -> SourceError:
-        text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         return SourceError(
-            f"reading the source {self._where()} failed: {text[0] if text else type(exc).__name__}",
+            f"reading the source {self._where()} failed: {_first_line(exc)}",
             "check source.url, that the server is up, and that the user may read the table",
         )
 
@@ -189,3 +316,20 @@ def _python_type(column: Column[Any]) -> type | None:
         return column.type.python_type
     except NotImplementedError:
         return None
+
+
+def retryable(exc: SQLAlchemyError) -> bool:
+    """Whether a failed read deserves a fresh transaction (see RETRYABLE_STATES)."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    state = _sqlstate(exc)
+    return state in RETRYABLE_STATES or (state or "").startswith("08")
+
+
+def _sqlstate(exc: SQLAlchemyError) -> str | None:
+    return getattr(getattr(exc, "orig", None), "sqlstate", None)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

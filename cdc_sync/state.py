@@ -104,6 +104,8 @@ class RunCounts:
     deferred: int = 0
     failed: int = 0
     skipped: int = 0
+    audit_checked: int = 0
+    audit_misses: int = 0
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -286,6 +288,7 @@ class StateStore:
         counts: RunCounts,
         watermark: Position | None,
         error: str | None = None,
+        replica_lag: float | None = None,
     ) -> None:
         with self._connect() as connection, connection.begin():
             connection.execute(
@@ -296,7 +299,45 @@ class StateStore:
                     outcome=outcome,
                     watermark_after=describe(watermark),
                     error=error,
+                    replica_lag_s=replica_lag,
                     **counts.as_dict(),
+                )
+            )
+
+    # -- the audit sweep ------------------------------------------------------------------
+
+    def audit_position(self) -> Any:
+        """The key after which the audit sweep resumes (None: from the start of the table)."""
+        with self._connect() as connection:
+            text = connection.scalar(
+                select(sync_state.c.audit_key).where(sync_state.c.sync_name == self.sync_name)
+            )
+        return None if text is None else decode_value(text)
+
+    def requeue(self, keys: Sequence[str], euids: Sequence[int | None], now: datetime,
+                audit_key: Any) -> None:
+        """Mark users as due for a retry now and store where the audit resumes, in one transaction.
+
+        The retry phase then re-reads each one's current row and pushes it. An empty attempted
+        hash matches no payload, so the push is not mistaken for one already attempted.
+        """
+        with self._connect() as connection, connection.begin():
+            if keys:
+                rows = [
+                    self._row(Update(key, euid, Status.RETRYING, None, "", 0, None,
+                                     "re-queued by the audit: out of step with the source",
+                                     None, None, now), now)
+                    for key, euid in zip(keys, euids, strict=True)
+                ]
+                connection.execute(self._upsert_status(), rows)
+            encoded = None if audit_key is None else encode_value(audit_key)
+            stmt = self._insert(sync_state).values(
+                sync_name=self.sync_name, audit_key=encoded, updated_at=now
+            )
+            connection.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[sync_state.c.sync_name],
+                    set_={"audit_key": encoded, "updated_at": now},
                 )
             )
 

@@ -6,91 +6,19 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import create_engine, select
-from userdb import CONTACT_COLUMNS, UserDb
+from harness import World
+from sqlalchemy import select
 
-from cdc_sync.cli import state_engine
-from cdc_sync.emulator import Emulator, EmulatorServer, Faults
+from cdc_sync.emulator import Faults
 from cdc_sync.engagelab import EngageLabClient
-from cdc_sync.engine import Engine, EngineSettings
 from cdc_sync.errors import FatalApiError
 from cdc_sync.models import sync_runs
-from cdc_sync.rules import Retry
-from cdc_sync.source import Source, SourceSpec
-from cdc_sync.state import StateStore
-
-
-class Clock:
-    """The engine's clock, moved by the test (the source's clock stays real)."""
-
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-class World:
-    """A source table, the emulator, a migrated state store and an engine over them."""
-
-    def __init__(
-        self, source_url: str, state_url: str, server: EmulatorServer, emulator: Emulator
-    ) -> None:
-        self.users = UserDb(source_url)
-        self.emulator = emulator
-        self.server = server
-        self.clock = Clock()
-        self.state = StateStore(state_engine(state_url), "users")
-        self.state.migrate()
-        self.source_engine = create_engine(source_url)
-        self.client = EngageLabClient(server.url, "key", "secret", concurrency=4)
-        self.lookback: timedelta | int = timedelta(minutes=5)
-        self.batch_size = 10
-
-    def engine(self, client: EngageLabClient | None = None) -> Engine:
-        spec = SourceSpec("users", "id", "updated_at", "engagelab_euid", CONTACT_COLUMNS)
-        settings = EngineSettings(
-            "users",
-            self.batch_size,
-            self.lookback,
-            Retry(timedelta(seconds=30), timedelta(minutes=10), 5),
-        )
-        return Engine(
-            settings,
-            Source(self.source_engine, spec),
-            self.state,
-            client or self.client,
-            clock=self.clock,
-            jitter=lambda: 0.0,
-        )
-
-    def cycle(self, client: EngageLabClient | None = None):  # type: ignore[no-untyped-def]
-        return self.engine(client).run_cycle()
-
-    def requests(self) -> int:
-        return int(self.emulator.stats()["requests"])
-
-    def status(self, user_id: int) -> dict:  # type: ignore[type-arg]
-        found = self.state.status_of(str(user_id))
-        assert found is not None, f"user {user_id} has no status row"
-        return found
-
-    def close(self) -> None:
-        self.client.close()
-        self.users.dispose()
-        self.source_engine.dispose()
-        self.state.engine.dispose()
 
 
 @pytest.fixture
 def world(pg_database: str, state_url: str) -> Iterator[World]:
-    emulator = Emulator("key", "secret")
-    with EmulatorServer(emulator) as server:
-        w = World(pg_database, state_url, server, emulator)
-        try:
-            yield w
-        finally:
-            w.close()
+    with World.running(pg_database, state_url) as w:
+        yield w
 
 
 def test_first_cycle_pushes_every_user_with_contacts(world: World) -> None:
