@@ -2,7 +2,8 @@
 
 Exit statuses: 0 done; 1 unexpected error; 3 EngageLab refused the sync (credentials, project);
 69 something outside the config is wrong (database unreachable, table missing, schema behind);
-78 the configuration is wrong.
+75 another instance of the sync holds its lock (``once``, ``migrate``); 78 the configuration is
+wrong.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cdc_sync.config import Settings, load_settings, resolve_config_path
 from cdc_sync.engagelab import CodePolicy, EngageLabClient, Verdict
 from cdc_sync.engine import Engine, EngineSettings
 from cdc_sync.errors import CdcSyncError
+from cdc_sync.lock import InstanceLock
 from cdc_sync.report import render_check, render_status
 from cdc_sync.rules import Retry
 from cdc_sync.scheduler import Daemon
@@ -125,7 +127,11 @@ def open_app(settings: Settings) -> Iterator[App]:
 
 def cmd_migrate(app: App, args: argparse.Namespace) -> int:
     before, head = app.state.schema_revision()
-    app.state.migrate()
+    if before == head:  # the common case, e.g. ExecStartPre beside another host's daemon
+        print(f"tracking tables already at revision {head}")
+        return 0
+    with InstanceLock(app.state.engine, app.settings.name):  # never under a running daemon
+        app.state.migrate()
     print(f"tracking tables at revision {head} (were at {before or 'nothing'})")
     return 0
 
@@ -136,7 +142,8 @@ def cmd_once(app: App, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    report = app.engine().run_cycle(stop)
+    with InstanceLock(app.state.engine, app.settings.name):
+        report = app.engine().run_cycle(stop)
     c = report.counts
     print(
         f"cycle {report.run_id} {report.outcome}: read {c.rows_read}, pushed {c.pushed}, "
@@ -149,7 +156,8 @@ def cmd_once(app: App, args: argparse.Namespace) -> int:
 def cmd_run(app: App, args: argparse.Namespace) -> int:
     app.state.require_schema()
     app.source.open()
-    return Daemon(app.engine(), app.settings.schedule.interval).run()
+    lock = InstanceLock(app.state.engine, app.settings.name)
+    return Daemon(app.engine(), app.settings.schedule.interval, lock).run()
 
 
 def cmd_status(app: App, args: argparse.Namespace) -> int:

@@ -293,10 +293,14 @@ def _database_url(text: str, config_dir: Path) -> str:
         # SQLAlchemy's own message quotes the whole URL, password included.
         raise _invalid(f"not a database URL; {_URL_HINT}") from None
     try:
-        url.get_dialect()
+        url.get_dialect().import_dbapi()  # the dialect alone imports no driver
     except (NoSuchModuleError, ArgumentError):
         raise _invalid(
             f"unknown database dialect or driver {url.drivername!r}; {_URL_HINT}"
+        ) from None
+    except ImportError as exc:
+        raise _invalid(
+            f"the driver for {url.drivername!r} is not installed ({exc.name}); {_URL_HINT}"
         ) from None
     if url.get_backend_name() != "sqlite" or _is_memory(url):
         return text

@@ -30,6 +30,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -39,6 +40,8 @@ from types import MappingProxyType, TracebackType
 from typing import Any
 
 from aiohttp import web
+
+from cdc_sync.errors import EX_UNAVAILABLE
 
 CONTACT_KEYS = frozenset({"email", "mobile_phone", "landline_phone", "whatsapp_phone"})
 IDENTITY_NAMES = frozenset({"user_id", "anonymous_id", "registration_id"})
@@ -191,7 +194,7 @@ def _json_object(raw: bytes) -> dict[str, Any] | Rejection:
 
 
 def parse_contact_request(raw: bytes) -> ContactUpdate | Rejection:
-    """Validate a ``/v1/user/contact`` body, in the order the codes are documented."""
+    """Validate a ``/v1/user/contact`` body: euid first, then contacts; the first problem wins."""
     body = _json_object(raw)
     if isinstance(body, Rejection):
         return body
@@ -689,7 +692,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     emulator = Emulator(api_key, api_secret, faults=faults)
-    asyncio.run(_serve_until_signalled(emulator, args.host, args.port))
+    try:
+        asyncio.run(_serve_until_signalled(emulator, args.host, args.port))
+    except OSError as exc:
+        print(f"emulator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
     return 0
 
 

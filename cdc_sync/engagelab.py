@@ -1,9 +1,8 @@
 """The EngageLab MA client: one pure classification of every answer, and the I/O around it.
 
 :func:`classify` turns an HTTP status and body into a :class:`Verdict`; nothing else in cdc-sync
-looks at status codes or API codes. :class:`EngageLabClient` pushes a page of payloads with a
-bounded number of requests in flight, paced by a shared token bucket, from synchronous code (it
-owns a private event loop thread so the connection pool stays warm across pages and cycles).
+looks at status codes or API codes. :class:`EngageLabClient` pushes batches of payloads with a
+bounded number of requests in flight, paced by :mod:`cdc_sync.pacing`, from synchronous code.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import httpx
 
 from cdc_sync.mapping import Payload
+from cdc_sync.pacing import Pacer, Signal
+from cdc_sync.transport import AiohttpTransport
 
 T = TypeVar("T")
 
@@ -134,38 +136,14 @@ def _parse_body(body: bytes) -> tuple[int | None, str]:
     return code, (message if isinstance(message, str) else "")[:200]
 
 
-class TokenBucket:
-    """Paces requests to ``rate`` per second, shared by every request in flight.
-
-    Reservation style: each caller is handed the next free slot, so requests are spread evenly
-    instead of bursting at the start of each second. ``pause(seconds)`` pushes every future slot
-    back, which is how a ``Retry-After`` answer stops all workers, not just the one that got it.
-    """
-
-    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = rate
-        self._clock = clock
-        self._next = 0.0
-
-    def reserve(self) -> float:
-        """Claim the next slot; returns how long the caller must wait for it."""
-        now = self._clock()
-        start = max(now, self._next)
-        if self.rate:
-            self._next = start + 1.0 / self.rate
-        return start - now
-
-    def pause(self, seconds: float) -> None:
-        self._next = max(self._next, self._clock() + seconds)
-
-    async def acquire(self) -> None:
-        delay = self.reserve()
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-
 class EngageLabClient:
-    """Pushes payloads to ``POST /v1/user/contact``; safe to call from any one thread at a time."""
+    """Pushes payloads to ``POST /v1/user/contact`` from synchronous code.
+
+    It owns a private event loop thread, so the connection pool stays warm across pages and
+    cycles. At most ``concurrency`` requests are in flight across every batch submitted, all
+    paced by one :class:`~cdc_sync.pacing.Pacer`. After a FATAL answer no request starts until
+    :meth:`resume`: every further request would be refused too.
+    """
 
     def __init__(
         self,
@@ -178,53 +156,60 @@ class EngageLabClient:
         rate_limit: float | None = None,
         policy: CodePolicy = CodePolicy(),
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = base_url.rstrip("/") + CONTACT_PATH
         self.concurrency = concurrency
         self.policy = policy
-        self.bucket = TokenBucket(rate_limit)
+        self.pacer = Pacer(rate_limit, clock)
+        self.refused = False
         token = base64.b64encode(f"{api_key}:{api_secret}".encode()).decode()
-        self._headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
-        self._timeout = timeout
-        self._transport = transport
+        headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="engagelab", daemon=True
         )
         self._thread.start()
-        self._client = self._run(self._open())
 
-    async def _open(self) -> httpx.AsyncClient:
-        limits = httpx.Limits(
-            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
-        )
-        return httpx.AsyncClient(
-            timeout=self._timeout, limits=limits, transport=self._transport, headers=self._headers
-        )
+        async def open_client() -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+            return httpx.AsyncClient(
+                transport=transport or AiohttpTransport(concurrency, timeout),
+                headers=headers,
+                timeout=timeout,
+            ), asyncio.Semaphore(concurrency)
+
+        self._client, self._slots = self._run(open_client())
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
+    def submit(self, payloads: Sequence[Payload]) -> Future[list[ApiResult | None]]:
+        """Start pushing a batch; its results come back in order, ``None`` for any not sent."""
+        return asyncio.run_coroutine_threadsafe(self._push_all(payloads), self._loop)
+
     def push_all(self, payloads: Sequence[Payload]) -> list[ApiResult | None]:
-        """Push every payload; after a FATAL answer no new request starts (those stay ``None``)."""
-        return self._run(self._push_all(payloads))
+        """Push a batch and wait for it."""
+        return self.submit(payloads).result()
+
+    def resume(self) -> None:
+        """Allow requests again after a FATAL answer (the next cycle tries once more)."""
+        self.refused = False
 
     async def _push_all(self, payloads: Sequence[Payload]) -> list[ApiResult | None]:
         results: list[ApiResult | None] = [None] * len(payloads)
         pending = iter(range(len(payloads)))
-        stop = asyncio.Event()
 
         async def worker() -> None:
             for index in pending:
-                if stop.is_set():
-                    return
-                await self.bucket.acquire()
-                if stop.is_set():
-                    return
-                result = await self.push(payloads[index])
-                results[index] = result
+                async with self._slots:
+                    if self.refused:
+                        return
+                    await self.pacer.acquire()
+                    if self.refused:
+                        return
+                    results[index] = result = await self.push(payloads[index])
                 if result.verdict is Verdict.FATAL:
-                    stop.set()
+                    self.refused = True
 
         await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(payloads)))))
         return results
@@ -235,16 +220,19 @@ class EngageLabClient:
         try:
             response = await self._client.post(self.url, content=body)
         except httpx.TimeoutException:
+            self.pacer.record(Signal.OVERLOADED)
             return ApiResult(Verdict.TRANSIENT, None, None, "request timed out")
         except httpx.TransportError as exc:
+            self.pacer.record(Signal.OVERLOADED)
             return ApiResult(
                 Verdict.TRANSIENT, None, None, f"connection failed: {type(exc).__name__}"
             )
         result = classify(
             response.status_code, response.content, response.headers.get("retry-after"), self.policy
         )
+        self.pacer.record(_signal(result))
         if result.retry_after:
-            self.bucket.pause(result.retry_after)
+            self.pacer.pause(result.retry_after)
         return result
 
     def close(self) -> None:
@@ -260,3 +248,12 @@ class EngageLabClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _signal(result: ApiResult) -> Signal:
+    """What an answer tells the pacer."""
+    if result.throttled:
+        return Signal.THROTTLED
+    if result.verdict is Verdict.TRANSIENT and (result.code == -1 or (result.status or 0) >= 500):
+        return Signal.OVERLOADED
+    return Signal.ACCEPTED

@@ -11,6 +11,8 @@ import random
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -20,7 +22,17 @@ import structlog
 from cdc_sync.engagelab import ApiResult, Verdict
 from cdc_sync.errors import CdcSyncError, FatalApiError
 from cdc_sync.mapping import Mapped, Payload, Skip, SourceRow, map_row
-from cdc_sync.rules import Action, Position, Retry, Status, advance, decide, missed, settle
+from cdc_sync.rules import (
+    Action,
+    Position,
+    Record,
+    Retry,
+    Status,
+    advance,
+    decide,
+    missed,
+    settle,
+)
 from cdc_sync.source import Horizon, Source, lookback_start
 from cdc_sync.state import RunCounts, StateStore
 
@@ -28,9 +40,11 @@ log = structlog.get_logger("cdc_sync.engine")
 
 
 class Pusher(Protocol):
-    """What the engine needs from the EngageLab client."""
+    """What the engine needs from the EngageLab client (``engagelab.EngageLabClient``)."""
 
-    def push_all(self, payloads: Sequence[Payload]) -> list[ApiResult | None]: ...
+    def submit(self, payloads: Sequence[Payload]) -> Future[list[ApiResult | None]]: ...
+
+    def resume(self) -> None: ...
 
 
 def utcnow() -> datetime:
@@ -88,6 +102,7 @@ class Engine:
         log.info("cycle_started", sync=self.settings.name, run_id=run_id)
         outcome, error = "ok", None
         try:
+            self.pusher.resume()
             cycle.horizon = self.source.horizon()
             cycle.scan(stop)
             if self.settings.audit_rows and not stop.is_set():
@@ -122,6 +137,24 @@ class Engine:
         return CycleReport(run_id, outcome, counts, before, cycle.watermark, error)
 
 
+class _Batch:
+    """One page on its way: what was read and decided, and the pushes in flight for it."""
+
+    def __init__(
+        self,
+        rows: Sequence[SourceRow],
+        mapped: list[Mapped],
+        keys: list[str],
+        records: dict[str, Record],
+        actions: list[Action],
+        sending: list[int],
+        answers: Future[list[ApiResult | None]],
+        now: datetime,
+    ) -> None:
+        self.rows, self.mapped, self.keys, self.records = rows, mapped, keys, records
+        self.actions, self.sending, self.answers, self.now = actions, sending, answers, now
+
+
 class _Cycle:
     """The mutable bookkeeping of one cycle (watermark so far, counters)."""
 
@@ -129,9 +162,15 @@ class _Cycle:
         self.engine = engine
         self.watermark = watermark
         self.horizon = Horizon()
+        self.held = False  # a row the watermark may not pass was met: it moves no further
         self.tally: Counter[str] = Counter()
 
     def scan(self, stop: threading.Event) -> None:
+        """Read pages from the watermark on; each page's pushes overlap the next page's reading.
+
+        While page N's requests are in flight, page N+1 is read, mapped, compared and submitted,
+        so requests keep flowing across page boundaries. Pages are recorded strictly in order.
+        """
         e = self.engine
         size = e.settings.batch_size
         after: Position | None = None
@@ -140,14 +179,24 @@ class _Cycle:
             after = self.watermark  # exact: nothing can commit behind it
         else:
             start = lookback_start(self.watermark, e.settings.lookback)
-        while True:
-            rows = e.source.read_page(after, start, size)
-            if not rows:
-                return
-            self.process(rows, retrying=False)
-            after = Position(rows[-1].cursor, rows[-1].key)
-            if len(rows) < size or stop.is_set():
-                return
+        pending: _Batch | None = None  # the page whose pushes are in flight
+        try:
+            while True:
+                rows = e.source.read_page(after, start, size)
+                done, pending = pending, self.send(rows, retrying=False) if rows else None
+                if done is not None:
+                    self.finish(done, retrying=False)
+                if not rows or len(rows) < size or stop.is_set():
+                    break
+                after = Position(rows[-1].cursor, rows[-1].key)
+            last, pending = pending, None
+            if last is not None:
+                self.finish(last, retrying=False)
+        except BaseException:
+            if pending is not None:  # record what it did send before re-raising what went wrong
+                with suppress(Exception):
+                    self.finish(pending, retrying=False)
+            raise
 
     def retry_due(self, stop: threading.Event) -> None:
         """Retry users whose backoff has expired, from their current source row."""
@@ -160,15 +209,14 @@ class _Cycle:
                 return
             seen.update(keys)
             rows = e.source.read_keys([e.source.key_from_text(k) for k in keys])
-            self.process(rows, retrying=True)
+            self.finish(self.send(rows, retrying=True), retrying=True)
             self.forget_vanished(set(keys) - {str(r.key) for r in rows})
 
-    def process(self, rows: Sequence[SourceRow], *, retrying: bool) -> None:
-        """Map, compare, push and record one page; move the watermark over what is recorded."""
+    def send(self, rows: Sequence[SourceRow], *, retrying: bool) -> _Batch:
+        """Map and compare a page (one state query), and submit the pushes it needs."""
         e = self.engine
         now = e.clock()
-        salt = e.settings.name
-        mapped = [map_row(row, salt=salt) for row in rows]
+        mapped = [map_row(row, salt=e.settings.name) for row in rows]
         keys = [str(row.key) for row in rows]
         records = e.state.records(keys)
         actions = [
@@ -176,35 +224,51 @@ class _Cycle:
             for m, k in zip(mapped, keys, strict=True)
         ]
         sending = [i for i, action in enumerate(actions) if action is Action.PUSH]
-        answers = e.pusher.push_all([_payload(mapped[i]) for i in sending])
-        results: dict[int, ApiResult | None] = dict(zip(sending, answers, strict=True))
+        answers = e.pusher.submit([_payload(mapped[i]) for i in sending])
+        return _Batch(rows, mapped, keys, records, actions, sending, answers, now)
 
+    def finish(self, batch: _Batch, *, retrying: bool) -> None:
+        """Wait for a page's answers; record its outcomes and move the watermark, in one commit."""
+        e = self.engine
+        answers = batch.answers.result()
+        results: dict[int, ApiResult | None] = dict(zip(batch.sending, answers, strict=True))
         updates, recorded = [], []
-        for i, (m, key, action) in enumerate(zip(mapped, keys, actions, strict=True)):
-            result = results.get(i)
+        rows = zip(batch.mapped, batch.keys, batch.actions, strict=True)
+        for i, (m, key, action) in enumerate(rows):
+            previous = batch.records.get(key)
             update = settle(
-                key, m, action, records.get(key), result, now, e.settings.retry, e.jitter()
+                key, m, action, previous, results.get(i), batch.now, e.settings.retry, e.jitter()
             )
             done = action is not Action.PUSH or update is not None
             recorded.append(done)
             if update is not None:
                 updates.append(update)
             self.tally[_count_name(action, update.status if update else None, done)] += 1
-        self.tally["rows_read"] += len(rows)
+        self.tally["rows_read"] += len(batch.rows)
 
         watermark = self.watermark
-        if not retrying:
-            positions = [Position(row.cursor, row.key) for row in rows]
+        if not retrying and not self.held:
+            positions = [Position(row.cursor, row.key) for row in batch.rows]
             watermark = advance(self.watermark, positions, recorded, self.horizon.ceiling)
-        e.state.commit_page(updates, watermark, now)
+            ceiling = self.horizon.ceiling
+            self.held = not all(recorded) or (
+                ceiling is not None and positions[-1].cursor > ceiling
+            )
+        e.state.commit_page(updates, watermark, batch.now)
         self.watermark = watermark
-        log.info("page_recorded", sync=salt, rows=len(rows), pushed=len(sending), retrying=retrying)
+        log.info(
+            "page_recorded",
+            sync=e.settings.name,
+            rows=len(batch.rows),
+            pushed=len(batch.sending),
+            retrying=retrying,
+        )
 
         fatal = next((r for r in answers if r is not None and r.verdict is Verdict.FATAL), None)
         if fatal is not None:
             log.critical(
                 "engagelab_refused",
-                sync=salt,
+                sync=e.settings.name,
                 code=fatal.code,
                 status=fatal.status,
                 message=fatal.message,
@@ -222,7 +286,8 @@ class _Cycle:
         if self.watermark is None:
             return
         done_below = (
-            self.watermark if e.source.spec.gap_free
+            self.watermark
+            if e.source.spec.gap_free
             else Position(lookback_start(self.watermark, e.settings.lookback), None)
         )
         budget = e.settings.audit_rows
@@ -239,8 +304,9 @@ class _Cycle:
             mapped = [map_row(r, salt=e.settings.name) for r in judged]
             keys = [str(r.key) for r in judged]
             records = e.state.records(keys)
-            out = [(k, m.euid) for k, m in zip(keys, mapped, strict=True)
-                   if missed(m, records.get(k))]
+            out = [
+                (k, m.euid) for k, m in zip(keys, mapped, strict=True) if missed(m, records.get(k))
+            ]
             e.state.requeue([k for k, _ in out], [euid for _, euid in out], e.clock(), after)
             self.tally["audit_checked"] += len(judged)
             self.tally["audit_misses"] += len(out)

@@ -5,8 +5,10 @@
     ├── SetupError                  the world around us is wrong; fix it and start again (exit 69)
     │   ├── SourceError             source unreachable, table or column missing
     │   └── StateError              tracking database unreachable or its schema is behind
-    └── FatalApiError               EngageLab refuses every request (credentials, project);
-                                    stop the cycle at once and alert (exit 3)
+    ├── FatalApiError               EngageLab refuses every request (credentials, project);
+    │                               stop the cycle at once and alert (exit 3)
+    └── lock.LockBusy               another instance of this sync holds its lock; try later
+                                    (exit 75, EX_TEMPFAIL)
 
 Per-record problems (a bad row, an API code that concerns one user) are *not* exceptions: they are
 values (:class:`cdc_sync.rules.Outcome`) recorded in the sync-status table, so one bad row never

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import make_url
 
+from cdc_sync.config import format_duration
 from cdc_sync.state import StateStore, describe
 
 if TYPE_CHECKING:
@@ -132,7 +133,26 @@ def render_check(
             "Create it on the primary (it replicates):",
             f"           {source.index_statement()}",
         ]
-    lines.append(f"lookback   {_duration(lookback)} re-read behind the watermark each cycle")
+    if spec.gap_free:
+        lines.append(
+            "lookback   not used: cursor_mode xid8 reads nothing a running transaction "
+            "could still land behind"
+        )
+    else:
+        horizon = source.horizon()
+        observed = source.longest_write_transaction()
+        lines.append(f"lookback   {_duration(lookback)} re-read behind the watermark each cycle")
+        lines.append(f"lag        {_seconds(horizon.replica_lag, 'source is not a replica')}")
+        lines.append(
+            f"longest    write transaction running now: "
+            f"{_seconds(observed, 'not visible from a standby')}; declared: "
+            f"{_duration(settings.source.max_transaction or timedelta(0))}"
+        )
+        warning = lookback_warning(
+            lookback, horizon.replica_lag, settings.source.max_transaction, observed
+        )
+        if warning:
+            lines.append(f"WARNING    {warning}")
     ok = current == head
     state_url = settings.state.url
     if ok:
@@ -146,10 +166,39 @@ def render_check(
     return "\n".join(lines), ok
 
 
+def lookback_warning(
+    lookback: timedelta | int,
+    lag: float | None,
+    declared: timedelta | None,
+    observed: float | None,
+) -> str | None:
+    """Why the lookback may be too short to catch rows that commit late, or None if it is not.
+
+    A row commits up to (longest write transaction) after the time stamped in it, and reaches
+    the replica up to (replay lag) later still; a lookback shorter than both together lets it
+    land behind the watermark unseen.
+    """
+    if isinstance(lookback, int):
+        return None  # a sequence cursor: no clock to compare with
+    longest = max(declared.total_seconds() if declared else 0.0, observed or 0.0)
+    need = longest + (lag or 0.0)
+    if lookback.total_seconds() >= need:
+        return None
+    return (
+        f"lookback {_duration(lookback)} is shorter than replica lag ({lag or 0:.1f}s) plus "
+        f"the longest write transaction ({longest:.1f}s); raise source.lookback above "
+        f"{need:.0f}s, or use cursor_mode xid8"
+    )
+
+
+def _seconds(value: float | None, otherwise: str) -> str:
+    return otherwise if value is None else f"{value:.1f}s"
+
+
 def _duration(value: timedelta | int) -> str:
     if isinstance(value, int):
         return f"{value} (cursor units)"
-    return str(value)
+    return format_duration(value)
 
 
 def _redact(url: str) -> str:

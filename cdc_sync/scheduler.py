@@ -1,7 +1,9 @@
-"""The daemon: an APScheduler 3.x interval job running one cycle at a time, and signal handling.
+"""The daemon: the instance lock, an APScheduler 3.x interval job running one cycle at a time, and
+signal handling.
 
 SIGTERM or SIGINT stops taking new work: the cycle in flight finishes the page it is on, records
-it, and the process exits 0. Missed runs are coalesced into one; a cycle never overlaps another.
+it, the lock is released, and the process exits 0. Missed runs are coalesced into one; a cycle
+never overlaps another, in this process (one worker) or in any other (the lock).
 """
 
 from __future__ import annotations
@@ -17,30 +19,50 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from cdc_sync.engine import Engine, utcnow
 from cdc_sync.errors import CdcSyncError, FatalApiError
+from cdc_sync.lock import InstanceLock
 
 log = structlog.get_logger("cdc_sync.scheduler")
 
+LOCK_POLL_MAX = 5.0  # seconds between attempts at the lock, and between checks that it is held
+
 
 class Daemon:
-    """Runs ``engine`` every ``interval`` until :meth:`stop` (or a signal) says otherwise."""
+    """Runs ``engine`` every ``interval`` while it holds ``lock``, until :meth:`stop` (or a signal).
 
-    def __init__(self, engine: Engine, interval: timedelta) -> None:
+    It waits for the lock before the first cycle, trying every ``min(5 s, interval)``; a stop
+    while waiting ends it with no cycle run. Holding the lock, it checks every ``min(5 s,
+    interval)`` and before each cycle that the lock is still held. If the lock is lost (its
+    PostgreSQL session ended: server restart, network cut, backend terminated; or its lock file
+    deleted), the daemon logs ``lock_lost``, lets the cycle in flight finish its page, schedules
+    no more cycles and goes back to waiting for the lock: another instance may have taken over
+    in the meantime, and the process stays up (exit 0 on SIGTERM) rather than relying on a
+    restart to come back.
+
+    ``lock`` defaults to the sync's lock in ``engine``'s tracking database.
+    """
+
+    def __init__(
+        self, engine: Engine, interval: timedelta, lock: InstanceLock | None = None
+    ) -> None:
         self.engine = engine
         self.interval = interval
+        self.lock = lock or InstanceLock(engine.state.engine, engine.settings.name)
+        self.poll = min(LOCK_POLL_MAX, interval.total_seconds())
         self.stopping = threading.Event()
-        self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=1)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-            timezone="UTC",
-        )
+        # Set to end the current tenure of the lock (stop, or lock lost); the engine checks it
+        # between pages. A fresh one for every tenure.
+        self.halt = threading.Event()
 
     def cycle(self) -> None:
         """One scheduled cycle. Errors are logged and the daemon carries on with the next one:
         a fatal API answer (bad credentials) costs one request per interval until fixed."""
-        if self.stopping.is_set():
+        if self.halt.is_set():
+            return
+        if not self.lock.still_held():
+            self._lock_lost()
             return
         try:
-            self.engine.run_cycle(self.stopping)
+            self.engine.run_cycle(self.halt)
         except FatalApiError as exc:
             log.critical("cycle_refused", error=str(exc), code=exc.code, status=exc.status)
         except CdcSyncError as exc:
@@ -52,26 +74,53 @@ class Daemon:
         """Block until a signal arrives; returns the process exit status."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
-        self.scheduler.add_job(
+        log.info(
+            "daemon_started",
+            sync=self.engine.settings.name,
+            interval_s=self.interval.total_seconds(),
+        )
+        try:
+            while self.lock.acquire(self.stopping, self.poll):
+                self._serve()
+                self.lock.release()  # after the last cycle of this tenure has finished
+        finally:
+            self.lock.release()
+        log.info("daemon_stopped", sync=self.engine.settings.name)
+        return 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.halt.set()
+
+    def _serve(self) -> None:
+        """Run cycles while the lock is held; return once stopped or the lock is lost, after the
+        cycle in flight has finished its page."""
+        self.halt = threading.Event()
+        if self.stopping.is_set():  # a stop that came before this tenure's halt existed
+            return
+        scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=1)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone="UTC",
+        )
+        scheduler.add_job(
             self.cycle,
             "interval",
             seconds=self.interval.total_seconds(),
             next_run_time=datetime.now(utcnow().tzinfo),
             id="cycle",
         )
-        self.scheduler.start()
-        log.info(
-            "daemon_started",
-            sync=self.engine.settings.name,
-            interval_s=self.interval.total_seconds(),
-        )
-        self.stopping.wait()
-        self.scheduler.shutdown(wait=True)  # lets the cycle in flight finish its page
-        log.info("daemon_stopped", sync=self.engine.settings.name)
-        return 0
+        scheduler.start()
+        # Between cycles the lock is watched here too, so a long cycle stops at its next page.
+        while not self.halt.wait(self.poll):
+            if not self.lock.still_held():
+                self._lock_lost()
+        scheduler.shutdown(wait=True)  # lets the cycle in flight finish its page
 
-    def stop(self) -> None:
-        self.stopping.set()
+    def _lock_lost(self) -> None:
+        if not self.halt.is_set():
+            log.error("lock_lost", sync=self.engine.settings.name, lock=self.lock.describe)
+        self.halt.set()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         log.info("signal_received", signal=signal.Signals(signum).name)

@@ -34,6 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql.base import ischema_names
 from sqlalchemy.exc import DBAPIError, NoSuchTableError, SQLAlchemyError
+from sqlalchemy.sql.expression import Executable
 from sqlalchemy.types import UserDefinedType
 
 from cdc_sync.errors import SourceError
@@ -219,6 +220,21 @@ class Source:
         [row] = self._run(select(ceiling if ceiling is not None else text("NULL"), lag))
         return Horizon(row[0], row[1])
 
+    def longest_write_transaction(self) -> float | None:
+        """Seconds the oldest write transaction running now has been open, on a primary.
+
+        A standby cannot see the primary's transactions, so there (and on SQLite) it is None.
+        """
+        if self.engine.dialect.name != "postgresql":
+            return None
+        query = text(
+            "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE coalesce(extract(epoch FROM "
+            "max(now() - xact_start)), 0)::float8 END FROM pg_stat_activity "
+            "WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()"
+        )
+        [row] = self._run(query)
+        return None if row[0] is None else float(row[0])
+
     def read_page(self, after: Position | None, start: Any, limit: int) -> list[SourceRow]:
         return self._read(page_query(self.table, self.spec, after, start, limit))
 
@@ -247,7 +263,7 @@ class Source:
             return uuid.UUID(text)
         return text
 
-    def _run(self, query: Select[Any]) -> Sequence[Any]:
+    def _run(self, query: Executable) -> Sequence[Any]:
         """Run one query in its own short read-only transaction, retrying what a replica throws.
 
         A recovery conflict or a dropped connection gets a fresh transaction on a fresh
@@ -265,8 +281,13 @@ class Source:
                 if attempt == READ_ATTEMPTS or not retryable(exc):
                     raise self._failure(exc) from exc
                 delay = 0.2 * 4 ** (attempt - 1)
-                log.warning("source_read_retried", attempt=attempt, delay_s=delay,
-                            sqlstate=_sqlstate(exc), error=_first_line(exc))
+                log.warning(
+                    "source_read_retried",
+                    attempt=attempt,
+                    delay_s=delay,
+                    sqlstate=_sqlstate(exc),
+                    error=_first_line(exc),
+                )
                 self._sleep(delay)
         raise AssertionError("unreachable")
 

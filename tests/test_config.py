@@ -652,7 +652,6 @@ def test_mask_password(text: str, expected: str) -> None:
         ("postgres://r@h:5432/app", "postgresql+psycopg://r@h:5432/app"),
         ("postgresql://r@h:5432/app", "postgresql+psycopg://r@h:5432/app"),
         ("postgresql+psycopg://r@h/app", "postgresql+psycopg://r@h/app"),
-        ("postgresql+psycopg2://r@h/app", "postgresql+psycopg2://r@h/app"),
     ],
 )
 def test_postgres_urls_name_psycopg(tmp_path: Path, given: str, expected: str) -> None:
@@ -664,6 +663,15 @@ def test_postgres_urls_name_psycopg(tmp_path: Path, given: str, expected: str) -
 
     assert settings.source.url == expected
     assert settings.state.url == expected.replace("/app", "/cdc")
+
+
+def test_a_driver_that_is_not_installed_is_refused(tmp_path: Path) -> None:
+    """A URL naming a driver cdc-sync does not ship is a config error naming the module."""
+    tree = changed(minimal(), "source.url", "postgresql+psycopg2://r@h/app")
+
+    with pytest.raises(ConfigError, match=r"source\.url: the driver for 'postgresql\+psycopg2' "
+                                          r"is not installed \(psycopg2\)"):
+        load(tmp_path, tree)
 
 
 @pytest.mark.parametrize(

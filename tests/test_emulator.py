@@ -540,3 +540,15 @@ def test_main_requires_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
         main(["--port", "0"])
 
     assert exit_info.value.code == 2
+
+
+def test_main_reports_a_port_in_use(
+    server: EmulatorServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """When the port is taken, main says so on stderr and exits 69 (EX_UNAVAILABLE)."""
+    port = server.url.rsplit(":", 1)[1]
+
+    status = main(["--port", port, "--api-key", KEY, "--api-secret", SECRET])
+
+    assert status == 69
+    assert "cannot listen" in capsys.readouterr().err

@@ -10,7 +10,6 @@ from cdc_sync.engagelab import (
     ApiResult,
     CodePolicy,
     EngageLabClient,
-    TokenBucket,
     Verdict,
     classify,
     parse_retry_after,
@@ -106,46 +105,6 @@ def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
 def test_message_is_truncated() -> None:
     """An API message is kept short enough to store."""
     assert len(classify(400, body(55004, "x" * 1000)).message) == 200
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_token_bucket_spaces_requests_evenly() -> None:
-    """At rate R, the n-th immediate request waits (n-1)/R seconds."""
-    clock = FakeClock()
-    bucket = TokenBucket(10.0, clock)
-
-    waits = [bucket.reserve() for _ in range(4)]
-
-    assert waits == pytest.approx([0.0, 0.1, 0.2, 0.3])
-
-
-def test_token_bucket_does_not_bank_idle_time() -> None:
-    """After an idle period requests are still paced, not released as a burst."""
-    clock = FakeClock()
-    bucket = TokenBucket(10.0, clock)
-    bucket.reserve()
-    clock.now += 60
-
-    waits = [bucket.reserve() for _ in range(3)]
-
-    assert waits == pytest.approx([0.0, 0.1, 0.2])
-
-
-def test_token_bucket_pause_holds_every_later_request() -> None:
-    """A pause (Retry-After) delays every request reserved after it."""
-    clock = FakeClock()
-    bucket = TokenBucket(None, clock)
-    bucket.pause(5)
-
-    assert bucket.reserve() == pytest.approx(5.0)
-    assert bucket.reserve() == pytest.approx(5.0)  # no rate limit: only the pause applies
 
 
 @pytest.fixture

@@ -262,3 +262,35 @@ def test_audit_finds_nothing_when_nothing_was_missed(world: World) -> None:
     assert misses == 0
     assert checked == 20  # users 1..20 once each; 21 sits at the watermark, in the window
     assert world.state.audit_position() == 21
+
+
+def test_longest_write_transaction_is_observed_on_a_primary(pg_database: str) -> None:
+    """check can see how long the oldest open write transaction on a primary has run."""
+    db = UserDb(pg_database)
+    db.add_users([1])
+    spec = SourceSpec("users", "id", "updated_at", "engagelab_euid", CONTACT_COLUMNS)
+    source = Source(create_engine(pg_database), spec).open()
+    idle = source.longest_write_transaction()
+    long_tx = open_long_transaction(db, 1, "x@example.com")
+
+    wait_for(lambda: (source.longest_write_transaction() or 0) > 0.3, "the transaction to age")
+
+    long_tx.rollback()
+    long_tx.close()
+    assert idle == 0.0
+    db.dispose()
+
+
+def test_no_write_transaction_is_visible_from_a_standby(standby_pair) -> None:  # type: ignore[no-untyped-def]
+    """A standby cannot see the primary's transactions, and says so rather than guessing 0."""
+    primary, standby = standby_pair
+    primary.create_database("obs")
+    db = UserDb(primary.url("obs"))
+    primary.wait_for_replay(standby)
+    spec = SourceSpec("users", "id", "updated_at", "engagelab_euid", CONTACT_COLUMNS)
+
+    observed = Source(create_engine(standby.url("obs")), spec).open().longest_write_transaction()
+
+    assert observed is None
+    db.dispose()
+    primary.drop_database("obs")

@@ -1,0 +1,101 @@
+"""How fast requests start: a shared pace that obeys the configured limit and backs off when
+EngageLab signals throttling (all pure arithmetic over an injected clock).
+
+* Requests are spaced evenly at the current rate (reservation style), so no one-second window
+  holds more than ``rate + 1`` starts and idle time is never banked into a burst.
+* A throttling signal (HTTP 429, a configured rate-limit code, or a burst of 5xx / code -1)
+  sets the rate just below what EngageLab accepted in the last second — one step to a rate it
+  takes, instead of halving blindly for many seconds — at most once a second.
+* Every second without a signal the rate grows by 5%, up to the configured limit, to find out
+  whether EngageLab takes more again. The sawtooth this makes keeps throttled requests to a few
+  percent.
+* ``Retry-After`` pauses every request, not just the one that was told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from enum import Enum
+
+WINDOW = 1.0  # seconds of answers the pace looks back on
+ERROR_BURST = 10  # server errors in a window that count as a throttling signal (if half or more)
+
+
+class Signal(Enum):
+    """What one answer says about the pace."""
+
+    ACCEPTED = "accepted"  # any answer that was not a complaint about load
+    THROTTLED = "throttled"  # 429 or a rate-limit code
+    OVERLOADED = "overloaded"  # 5xx or code -1: a burst of these means slow down too
+
+
+class Pacer:
+    """Shared by every request in flight. ``limit`` None: no configured ceiling."""
+
+    def __init__(
+        self,
+        limit: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        floor: float = 1.0,
+        growth: float = 1.05,
+        backoff: float = 0.9,
+    ) -> None:
+        self.limit = limit
+        self.rate = limit  # None: unpaced until EngageLab complains
+        self._clock = clock
+        self._floor = floor
+        self._growth = growth
+        self._backoff = backoff
+        self._next = 0.0
+        self._cut = self._grown = clock()  # when the rate last went down, and up
+        self._answers: deque[tuple[float, Signal]] = deque()
+
+    def reserve(self) -> float:
+        """Claim the next start slot; returns how long the caller waits for it."""
+        now = self._clock()
+        start = max(now, self._next)
+        if self.rate:
+            self._next = start + 1.0 / self.rate
+        return start - now
+
+    async def acquire(self) -> None:
+        delay = self.reserve()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def pause(self, seconds: float) -> None:
+        """Nobody starts before ``seconds`` from now (``Retry-After``)."""
+        self._next = max(self._next, self._clock() + seconds)
+
+    def record(self, signal: Signal) -> None:
+        """Account one answer and adapt the rate."""
+        now = self._clock()
+        answers = self._answers
+        answers.append((now, signal))
+        while answers and answers[0][0] < now - WINDOW:
+            answers.popleft()
+        slowing = signal is Signal.THROTTLED or (
+            signal is Signal.OVERLOADED and self._overloaded()
+        )
+        if slowing and now - self._cut >= WINDOW:
+            accepted = sum(1 for _, s in answers if s is Signal.ACCEPTED) / WINDOW
+            fallback = (self.rate or len(answers) / WINDOW) / 2
+            self.rate = max(self._floor, self._backoff * accepted if accepted else fallback)
+            self._cut = now
+        elif (
+            signal is Signal.ACCEPTED
+            and self.rate is not None
+            and (self.limit is None or self.rate < self.limit)
+            and now - max(self._cut, self._grown) >= WINDOW
+        ):
+            grown = self.rate * self._growth
+            self.rate = grown if self.limit is None else min(self.limit, grown)
+            self._grown = now
+
+    def _overloaded(self) -> bool:
+        errors = sum(1 for _, s in self._answers if s is Signal.OVERLOADED)
+        return errors >= ERROR_BURST and 2 * errors >= len(self._answers)

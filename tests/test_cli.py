@@ -1,0 +1,485 @@
+"""The ``cdc-sync`` command as an operator meets it: real processes, exit statuses and messages."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from userdb import UserDb, write_config
+
+from cdc_sync import __version__
+from cdc_sync.emulator import Emulator, EmulatorServer
+
+UNREACHABLE = "postgresql+psycopg://postgres@127.0.0.1:1/x"  # nothing listens on port 1
+SECRET = "Zq9/sekret+value=42"  # "/", "+" and "=" make it an invalid sync name, too
+WRONG_SECRET = "Wr0ng/sekret+value=17"
+DELETE = object()
+
+
+def cdc_sync(config: Path | None, *args: str,
+             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the command line in a child process, as an operator would, and capture its output."""
+    options = ["-c", str(config)] if config is not None else []
+    return subprocess.run(
+        [sys.executable, "-m", "cdc_sync.cli", *options, *args],
+        capture_output=True, text=True, timeout=120, check=False,
+        env=dict(os.environ if env is None else env),
+        cwd=config.parent if config is not None else None,
+    )
+
+
+def environ(**values: str | None) -> dict[str, str]:
+    """This process's environment with ``values`` set, or removed where a value is None."""
+    env = dict(os.environ)
+    for name, value in values.items():
+        env.pop(name, None)
+        if value is not None:
+            env[name] = value
+    return env
+
+
+def offline_config(directory: Path, **overrides: Any) -> Path:
+    """A valid config whose databases and API are never reached by a config error."""
+    return write_config(directory / "config.yaml", source_url=UNREACHABLE,
+                        state_url=f"sqlite:///{directory}/state.db",
+                        api_url="http://127.0.0.1:9", secret=SECRET, **overrides)
+
+
+def edit(path: Path, key: str, value: object) -> Path:
+    """Set the dotted ``key`` of the YAML file at ``path`` to ``value`` (or remove it: DELETE)."""
+    tree = yaml.safe_load(path.read_text())
+    *parents, last = key.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def add_users_in_order(users: UserDb, ids: Iterable[int]) -> None:
+    """Users with an email and euid 1000+id, each updated one second after the one before."""
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    users.insert({"id": i, "name": f"user {i}", "email": f"user{i}@example.com",
+                  "engagelab_euid": 1000 + i, "updated_at": start + timedelta(seconds=i)}
+                 for i in ids)
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    """The operator is told what is wrong, never shown Python's stack."""
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.fixture
+def api() -> Iterator[EmulatorServer]:
+    """An EngageLab stand-in accepting key ``key`` and secret ``secret``, served over HTTP."""
+    with EmulatorServer(Emulator("key", "secret")) as server:
+        yield server
+
+
+@pytest.fixture
+def users(pg_database: str) -> Iterator[UserDb]:
+    """An empty ``users`` table, with the (updated_at, id) index, in a fresh source database."""
+    users = UserDb(pg_database)
+    yield users
+    users.dispose()
+
+
+@dataclass
+class Sync:
+    """A config pointing at the users table, a state database and the emulator."""
+
+    config: Path
+    users: UserDb
+    api: EmulatorServer
+
+    @property
+    def emulator(self) -> Emulator:
+        return self.api.emulator
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return cdc_sync(self.config, *args)
+
+    def write(self, **overrides: Any) -> None:
+        """Rewrite the config, changing only ``overrides``."""
+        state_url = yaml.safe_load(self.config.read_text())["state"]["url"]
+        write_config(self.config, source_url=self.users.url, state_url=state_url,
+                     api_url=self.api.url, **overrides)
+
+    def requests(self) -> int:
+        return int(self.emulator.stats()["requests"])
+
+
+@pytest.fixture
+def sync(users: UserDb, state_url: str, api: EmulatorServer, tmp_path: Path) -> Sync:
+    """A migrated sync over an empty users table, on each state backend."""
+    config = write_config(tmp_path / "config.yaml", source_url=users.url, state_url=state_url,
+                          api_url=api.url)
+    migrated = cdc_sync(config, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    return Sync(config, users, api)
+
+
+# -- configuration errors: exit 78, naming the file and the key --------------------------------
+
+
+def test_missing_config_file_exits_78_naming_the_file(tmp_path: Path) -> None:
+    """A config path with no file behind it is a config error that names the path."""
+    missing = tmp_path / "nowhere.yaml"
+
+    result = cdc_sync(missing, "once")
+
+    assert result.returncode == 78
+    assert f"{missing}: no such file" in result.stderr
+    assert_no_traceback(result)
+
+
+def test_yaml_syntax_error_exits_78_with_the_position(tmp_path: Path) -> None:
+    """A file that is not YAML is a config error that names the file and where parsing failed."""
+    config = tmp_path / "config.yaml"
+    config.write_text("name: users\nsource: [unclosed\n")
+
+    result = cdc_sync(config, "once")
+
+    assert result.returncode == 78
+    assert re.search(rf"{re.escape(str(config))}: not valid YAML at line \d+, column \d+",
+                     result.stderr), result.stderr
+    assert_no_traceback(result)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("source.tabel", "users", "unknown key; did you mean 'table'?"),
+        ("source.batch_size", "lots", "valid integer"),
+        ("engagelab.api_key", DELETE, "required key is missing"),
+    ],
+    ids=["unknown key", "wrong type", "missing required"],
+)
+def test_invalid_config_exits_78_naming_file_and_key(
+    tmp_path: Path, key: str, value: object, problem: str
+) -> None:
+    """An invalid key is reported as ``file: dotted.key: problem`` with exit status 78."""
+    config = edit(offline_config(tmp_path), key, value)
+
+    result = cdc_sync(config, "once")
+
+    assert result.returncode == 78
+    assert f"cdc-sync: {config}: {key}: " in result.stderr, result.stderr
+    assert problem in result.stderr
+    assert_no_traceback(result)
+
+
+def test_unset_environment_variable_exits_78_naming_it(tmp_path: Path) -> None:
+    """A ``${VAR}`` reference to an unset variable names the variable and the key using it."""
+    config = offline_config(tmp_path, engagelab={"api_secret": "${ENGAGELAB_API_SECRET}"})
+
+    result = cdc_sync(config, "once", env=environ(ENGAGELAB_API_SECRET=None))
+
+    assert result.returncode == 78
+    assert (f"{config}: engagelab.api_secret: environment variable ENGAGELAB_API_SECRET "
+            "is not set") in result.stderr
+    assert_no_traceback(result)
+
+
+@pytest.mark.parametrize("key", ["source.url", "state.url"])
+def test_database_url_with_an_uninstalled_driver_exits_78(tmp_path: Path, key: str) -> None:
+    """A URL naming a driver cdc-sync does not ship (psycopg2) is a config error on its key."""
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:1/{key.split('.')[0]}"
+    config = edit(offline_config(tmp_path), key, url)
+
+    result = cdc_sync(config, "migrate")
+
+    assert_no_traceback(result)
+    assert result.returncode == 78
+    assert f"cdc-sync: {config}: {key}: " in result.stderr
+    assert "is not installed (psycopg2)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "secret"),
+    [
+        ("source.batch_size", "lots", SECRET),
+        ("source.batch_size", "${ENGAGELAB_API_SECRET}", SECRET),
+        ("name", "${ENGAGELAB_API_SECRET}", SECRET),
+        ("engagelab.timeout", "${ENGAGELAB_API_SECRET}", SECRET),
+        ("engagelab.api_secrte", "${ENGAGELAB_API_SECRET}", SECRET),
+        ("engagelab.api_key", "", SECRET + "\n"),
+    ],
+    ids=["elsewhere", "quoted as a number", "quoted as a name", "quoted as a duration",
+         "under a misspelt key", "secret with a newline"],
+)
+def test_secret_never_appears_in_config_errors(
+    tmp_path: Path, key: str, value: str, secret: str
+) -> None:
+    """However the config is invalid, the API secret taken from the environment is not shown."""
+    config = offline_config(tmp_path, engagelab={"api_secret": "${ENGAGELAB_API_SECRET}"})
+    edit(config, key, value)
+
+    result = cdc_sync(config, "check", env=environ(ENGAGELAB_API_SECRET=secret))
+
+    assert result.returncode == 78, result.stderr
+    assert f"{config}: " in result.stderr
+    assert SECRET not in result.stderr + result.stdout
+    assert_no_traceback(result)
+
+
+# -- setup errors: exit 69, naming the thing and the fix ---------------------------------------
+
+
+@pytest.mark.parametrize("command", ["once", "run", "check"])
+def test_unreachable_source_exits_69_with_a_fix(tmp_path: Path, command: str) -> None:
+    """A source nobody listens for is a setup error naming the URL and what to check."""
+    config = offline_config(tmp_path)
+    assert cdc_sync(config, "migrate").returncode == 0
+
+    result = cdc_sync(config, command)
+
+    assert result.returncode == 69
+    assert "reading the source postgresql+psycopg://postgres@127.0.0.1:1/x failed" in result.stderr
+    assert "fix: check source.url" in result.stderr
+    assert_no_traceback(result)
+
+
+@pytest.mark.parametrize("command", ["once", "run", "check"])
+def test_missing_source_table_exits_69_with_a_fix(
+    pg_database: str, tmp_path: Path, command: str
+) -> None:
+    """A source database without the configured table is a setup error naming the table."""
+    config = offline_config(tmp_path, source={"url": pg_database})
+    assert cdc_sync(config, "migrate").returncode == 0
+
+    result = cdc_sync(config, command)
+
+    assert result.returncode == 69
+    assert "the source table users does not exist" in result.stderr
+    assert "fix: check source.table" in result.stderr
+    assert_no_traceback(result)
+
+
+@pytest.mark.parametrize("command", ["once", "run", "check"])
+def test_missing_source_column_exits_69_listing_it(
+    users: UserDb, tmp_path: Path, command: str
+) -> None:
+    """A contact mapped to a column the table lacks names that column and lists the real ones."""
+    config = offline_config(tmp_path, source={"url": users.url},
+                            contacts={"whatsapp_phone": "whatsapp_number"})
+    assert cdc_sync(config, "migrate").returncode == 0
+
+    result = cdc_sync(config, command)
+
+    assert result.returncode == 69
+    assert "the source table users has no column whatsapp_number" in result.stderr
+    assert "fix: its columns are: id, name, email, mobile, landline, whatsapp," in result.stderr
+    assert_no_traceback(result)
+
+
+@pytest.mark.parametrize("command", ["once", "run", "status"])
+def test_unmigrated_state_exits_69_saying_run_migrate(
+    users: UserDb, tmp_path: Path, command: str
+) -> None:
+    """Before ``migrate`` the commands that use the tracking tables say to run it."""
+    config = offline_config(tmp_path, source={"url": users.url})
+
+    result = cdc_sync(config, command)
+
+    assert result.returncode == 69
+    assert "has no tracking tables" in result.stderr
+    assert "fix: run `cdc-sync migrate`" in result.stderr
+    assert_no_traceback(result)
+
+
+# -- migrate and check ---------------------------------------------------------------------------
+
+
+def test_migrate_twice_is_idempotent(state_url: str, tmp_path: Path) -> None:
+    """A second ``migrate`` succeeds and finds the tables already at the latest revision."""
+    config = offline_config(tmp_path, state={"url": state_url})
+
+    first = cdc_sync(config, "migrate")
+    second = cdc_sync(config, "migrate")
+
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr + second.stderr
+    head = re.fullmatch(r"tracking tables at revision (\S+) \(were at nothing\)\n", first.stdout)
+    assert head is not None, first.stdout
+    assert second.stdout == f"tracking tables already at revision {head[1]}\n"
+
+
+def test_check_without_index_prints_the_statement_and_lookback(
+    pg_database: str, tmp_path: Path
+) -> None:
+    """Without an (updated_at, id) index ``check`` prints the statement to run and the lookback."""
+    UserDb(pg_database, index=False).dispose()
+    config = offline_config(tmp_path, source={"url": pg_database, "lookback": "5m"})
+    assert cdc_sync(config, "migrate").returncode == 0
+
+    result = cdc_sync(config, "check")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "CREATE INDEX CONCURRENTLY users_updated_at_id_idx ON users (updated_at, id);" \
+        in result.stdout
+    assert re.search(r"^lookback\s+(5m|0:05:00) ", result.stdout, re.M), result.stdout
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_check_with_index_says_it_is_present(users: UserDb, tmp_path: Path) -> None:
+    """With the (updated_at, id) index in place ``check`` names it and asks for nothing."""
+    config = offline_config(tmp_path, source={"url": users.url})
+    assert cdc_sync(config, "migrate").returncode == 0
+
+    result = cdc_sync(config, "check")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "index      users_updated_at_id_idx on (updated_at, id): present" in result.stdout
+    assert "CREATE INDEX" not in result.stdout
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_check_before_migrate_fails_saying_run_migrate(users: UserDb, tmp_path: Path) -> None:
+    """``check`` on tracking tables that do not exist exits non-zero and says to migrate."""
+    config = offline_config(tmp_path, source={"url": users.url})
+
+    result = cdc_sync(config, "check")
+
+    assert result.returncode != 0
+    assert re.search(r"^state .*tracking tables at nothing, need \S+; run `cdc-sync migrate`$",
+                     result.stdout, re.M), result.stdout
+    assert SECRET not in result.stdout + result.stderr
+
+
+# -- once and status, end to end -----------------------------------------------------------------
+
+
+def test_once_pushes_every_user_with_contacts(sync: Sync) -> None:
+    """One ``once`` leaves EngageLab holding every user's contacts and reports what it pushed."""
+    sync.users.add_users(range(1, 31))
+
+    result = sync("once")
+
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"cycle \d+ ok: read 30, pushed 30, unchanged 0, retrying 0, deferred 0, "
+                        r"failed 0, skipped 0\n", result.stdout), result.stdout
+    assert sync.emulator.contacts == sync.users.expected_contacts()
+
+
+def test_second_once_makes_no_api_call(sync: Sync) -> None:
+    """A cycle over rows that have not changed since the last push calls nothing."""
+    sync.users.add_users(range(1, 31))
+    assert sync("once").returncode == 0
+    before = sync.requests()
+
+    result = sync("once")
+
+    assert result.returncode == 0, result.stderr
+    assert sync.requests() == before
+    assert ", pushed 0, unchanged 30," in result.stdout
+
+
+def test_changed_email_makes_one_request_for_that_user(sync: Sync) -> None:
+    """After one user's email changes, the next cycle sends exactly that user, once."""
+    sync.users.add_users(range(1, 31))
+    assert sync("once").returncode == 0
+    before = sync.requests()
+    sync.users.change(7, email="changed7@example.com")
+
+    result = sync("once")
+
+    assert result.returncode == 0, result.stderr
+    assert sync.requests() == before + 1
+    assert sync.emulator.received(1007)[-1] == {"email": "changed7@example.com"}
+    assert {euid for euid, got in sync.emulator.all_received().items() if len(got) > 1} == {1007}
+    assert sync.emulator.contacts == sync.users.expected_contacts()
+
+
+def test_invalid_euids_are_recorded_as_skipped_with_the_reason(sync: Sync) -> None:
+    """Users whose euid is NULL or not positive are not sent, and ``status`` says why."""
+    sync.users.add_users(range(1, 6))
+    sync.users.add_users([6], engagelab_euid=None)
+    sync.users.add_users([7], engagelab_euid=-5)
+    assert sync("once").returncode == 0
+
+    result = sync("status")
+
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^\s+6\s+-\s+skipped\s.*euid is empty", result.stdout, re.M), result.stdout
+    assert re.search(r"^\s+7\s+-\s+skipped\s.*euid -5 is not positive", result.stdout, re.M)
+    assert set(sync.emulator.all_received()) == {1001, 1002, 1003, 1004, 1005}
+
+
+def test_status_shows_counts_runs_and_skipped_users(sync: Sync) -> None:
+    """``status`` shows the counts by status, every run newest first, and the skipped users."""
+    sync.users.add_users(range(1, 6))
+    sync.users.add_users([6], engagelab_euid=None)
+    assert sync("once").returncode == 0
+    assert sync("once").returncode == 0
+
+    result = sync("status")
+
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "users: synced 5, retrying 0, failed 0, skipped 1 (total 6)" in out
+    runs = re.findall(r"^\s+(\d+)\s+\S+ \S+\s+(\w+)\s+((?:\d+\s+){6}\d+)", out, re.M)
+    assert [(outcome, counts.split()) for _, outcome, counts in runs] == [
+        ("ok", ["6", "0", "6", "0", "0", "0", "0"]),
+        ("ok", ["6", "5", "0", "0", "0", "0", "1"]),
+    ], out
+    assert int(runs[0][0]) > int(runs[1][0])
+    assert "users not synced" in out
+    assert re.search(r"^\s+6\s+-\s+skipped\s", out, re.M), out
+
+
+def test_wrong_secret_exits_3_and_loses_nothing(sync: Sync) -> None:
+    """EngageLab refusing the credentials stops the cycle at once (exit 3) and loses no user."""
+    add_users_in_order(sync.users, range(1, 31))
+    concurrency = 3
+    sync.write(secret=WRONG_SECRET, source={"lookback": "0s"},
+               engagelab={"concurrency": concurrency})
+
+    refused = sync("once")
+
+    assert refused.returncode == 3, refused.stderr
+    assert "EngageLab refused the sync" in refused.stderr
+    assert "code 40050" in refused.stderr
+    assert WRONG_SECRET not in refused.stderr + refused.stdout
+    assert_no_traceback(refused)
+    assert 1 <= sync.requests() <= concurrency
+    assert sync.emulator.contacts == {}
+
+    sync.write(source={"lookback": "0s"})
+    fixed = sync("once")
+
+    assert fixed.returncode == 0, fixed.stderr
+    assert sync.emulator.contacts == sync.users.expected_contacts()
+    assert all(len(got) == 1 for got in sync.emulator.all_received().values())
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def test_version_prints_the_version() -> None:
+    """``--version`` prints the program and its version and exits 0."""
+    result = cdc_sync(None, "--version")
+
+    assert result.returncode == 0
+    assert result.stdout == f"cdc-sync {__version__}\n"
+
+
+def test_no_command_is_a_usage_error(tmp_path: Path) -> None:
+    """Without a command the program prints its usage and exits 2."""
+    result = cdc_sync(offline_config(tmp_path))
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: cdc-sync")
+    assert "the following arguments are required: COMMAND" in result.stderr

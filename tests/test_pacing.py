@@ -1,0 +1,157 @@
+"""The pace of requests: spacing, Retry-After, and adapting to throttling (fake clock, no I/O)."""
+
+import pytest
+
+from cdc_sync.pacing import Pacer, Signal
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_requests_are_spaced_evenly_at_the_limit() -> None:
+    """At rate R, the n-th of a burst of requests waits (n-1)/R seconds."""
+    pacer = Pacer(10.0, Clock())
+
+    waits = [pacer.reserve() for _ in range(4)]
+
+    assert waits == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+def test_idle_time_is_not_banked_into_a_burst() -> None:
+    """After an idle minute requests are still paced, not released all at once."""
+    clock = Clock()
+    pacer = Pacer(10.0, clock)
+    pacer.reserve()
+    clock.now += 60
+
+    assert [pacer.reserve() for _ in range(3)] == pytest.approx([0.0, 0.1, 0.2])
+
+
+def test_no_limit_means_no_wait() -> None:
+    """Without a configured limit and without complaints, nothing waits."""
+    pacer = Pacer(None, Clock())
+
+    assert [pacer.reserve() for _ in range(100)] == [0.0] * 100
+
+
+def test_retry_after_holds_every_later_request() -> None:
+    """A pause (Retry-After) delays every request reserved after it, paced from its end."""
+    clock = Clock()
+    pacer = Pacer(10.0, clock)
+    pacer.pause(5)
+
+    assert [pacer.reserve() for _ in range(2)] == pytest.approx([5.0, 5.1])
+
+
+def answer(pacer: Pacer, clock: Clock, signal: Signal, count: int, spread: float) -> None:
+    for _ in range(count):
+        clock.now += spread / count
+        pacer.record(signal)
+
+
+def test_throttling_sets_the_rate_just_below_what_was_accepted() -> None:
+    """A 429 after a second of 100 accepted answers sets the rate to 90 at once."""
+    clock = Clock()
+    pacer = Pacer(None, clock)
+    answer(pacer, clock, Signal.ACCEPTED, 100, 1.0)
+
+    pacer.record(Signal.THROTTLED)
+
+    assert pacer.rate == pytest.approx(90.0)
+
+
+def test_one_cut_per_second_however_many_429s() -> None:
+    """A burst of 429s in the same second cuts the rate once, not once per answer."""
+    clock = Clock()
+    pacer = Pacer(500.0, clock)
+    clock.now += 2
+    answer(pacer, clock, Signal.ACCEPTED, 50, 0.5)
+    pacer.record(Signal.THROTTLED)
+    cut = pacer.rate
+
+    answer(pacer, clock, Signal.THROTTLED, 40, 0.5)
+
+    assert cut == pytest.approx(45.0)
+    assert pacer.rate == cut
+
+
+def test_rate_grows_back_to_the_limit_and_no_further() -> None:
+    """Each quiet second grows the rate by 5%, until the configured limit."""
+    clock = Clock()
+    pacer = Pacer(100.0, clock)
+    clock.now += 2
+    answer(pacer, clock, Signal.ACCEPTED, 80, 1.0)
+    pacer.record(Signal.THROTTLED)
+
+    rates = []
+    for _ in range(12):
+        answer(pacer, clock, Signal.ACCEPTED, 50, 1.0)
+        rates.append(pacer.rate)
+
+    first_step = next(rate for rate in rates if rate != 72.0)
+    assert first_step == pytest.approx(72.0 * 1.05)
+    assert rates == sorted(rates)
+    assert rates[-1] == 100.0
+
+
+def test_a_burst_of_server_errors_slows_down() -> None:
+    """Mostly 5xx / code -1 answers within a second count as a throttling signal."""
+    clock = Clock()
+    pacer = Pacer(200.0, clock)
+    clock.now += 2
+    answer(pacer, clock, Signal.ACCEPTED, 10, 0.5)
+
+    answer(pacer, clock, Signal.OVERLOADED, 15, 0.4)
+
+    assert pacer.rate == pytest.approx(9.0)
+
+
+def test_scattered_server_errors_do_not_slow_down() -> None:
+    """A few errors among many good answers leave the rate alone."""
+    clock = Clock()
+    pacer = Pacer(200.0, clock)
+    clock.now += 2
+    for _ in range(10):
+        answer(pacer, clock, Signal.ACCEPTED, 20, 0.1)
+        answer(pacer, clock, Signal.OVERLOADED, 1, 0.01)
+
+    assert pacer.rate == 200.0
+
+
+def simulate(limit: float | None, capacity: float, seconds: float) -> tuple[int, int]:
+    """Requests paced by a Pacer against a server taking ``capacity`` per second (token bucket
+    holding one second); returns (sent, throttled) after the first ten seconds."""
+    clock = Clock()
+    pacer = Pacer(limit, clock)
+    tokens, last, sent, throttled = capacity, clock.now, 0, 0
+    start = clock.now
+    step = 1 / 2000  # an eager client: up to 2000 attempts a second when unpaced
+    while clock.now - start < seconds:
+        clock.now += max(step, pacer.reserve())
+        tokens = min(capacity, tokens + (clock.now - last) * capacity)
+        last = clock.now
+        late = clock.now - start > 10
+        if tokens >= 1:
+            tokens -= 1
+            pacer.record(Signal.ACCEPTED)
+        else:
+            pacer.record(Signal.THROTTLED)
+            pacer.pause(1.0)  # the server's Retry-After
+            throttled += late
+        sent += late
+    return sent, throttled
+
+
+@pytest.mark.parametrize("limit", [None, 500.0, 150.0])
+def test_against_a_fixed_throttle_few_requests_are_refused(limit: float | None) -> None:
+    """Against a server that takes 100/s, after ten seconds under 5% of requests are throttled,
+    and the server is kept busy (at least 80/s get through)."""
+    sent, throttled = simulate(limit, capacity=100.0, seconds=60.0)
+
+    assert throttled / sent < 0.05
+    assert (sent - throttled) / 50.0 >= 80.0

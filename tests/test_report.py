@@ -1,0 +1,48 @@
+"""The operator views: the lookback warning of ``check`` and the text table."""
+
+from datetime import datetime, timedelta
+
+import pytest
+
+from cdc_sync.report import lookback_warning, table
+
+M5 = timedelta(minutes=5)
+
+
+@pytest.mark.parametrize(
+    ("lookback", "lag", "declared", "observed", "warns"),
+    [
+        (M5, None, None, None, False),
+        (M5, 0.0, None, 12.0, False),
+        (M5, 250.0, timedelta(seconds=40), None, False),
+        (M5, 250.0, timedelta(seconds=60), None, True),
+        (M5, None, timedelta(minutes=6), None, True),
+        (M5, 10.0, None, 295.0, True),
+        (timedelta(0), 0.0, None, 0.5, True),
+        (1000, 99999.0, timedelta(hours=5), 99999.0, False),  # a sequence cursor: no clock
+    ],
+)
+def test_lookback_warning(lookback, lag, declared, observed, warns) -> None:  # type: ignore[no-untyped-def]
+    """check warns exactly when lookback < replica lag + the longest write transaction."""
+    assert (lookback_warning(lookback, lag, declared, observed) is not None) is warns
+
+
+def test_lookback_warning_says_what_to_set() -> None:
+    """The warning names the setting, the figure to exceed and the alternative mode."""
+    warning = lookback_warning(timedelta(seconds=30), 12.0, timedelta(minutes=1), None)
+
+    assert warning == (
+        "lookback 30s is shorter than replica lag (12.0s) plus the longest write transaction "
+        "(60.0s); raise source.lookback above 72s, or use cursor_mode xid8"
+    )
+
+
+def test_table_aligns_columns_and_shows_missing_values() -> None:
+    """Columns are padded to their widest cell, None shows as '-', times to the second."""
+    text = table(["a", "bb"], [[1, None], ["long", datetime(2026, 1, 2, 3, 4, 5, 999)]])
+
+    assert text.splitlines() == [
+        "  a     bb",
+        "  1     -",
+        "  long  2026-01-02 03:04:05",
+    ]
