@@ -49,7 +49,15 @@ class App:
             self.client = build_client(s)
         retry = Retry(s.retry.base, s.retry.max, s.retry.max_attempts)
         audit_rows = s.audit.rows_per_cycle if s.audit.enabled else 0
-        knobs = EngineSettings(s.name, s.source.batch_size, s.source.lookback, retry, audit_rows)
+        knobs = EngineSettings(
+            name=s.name,
+            batch_size=s.source.batch_size,
+            lookback=s.source.lookback,
+            retry=retry,
+            audit_rows=audit_rows,
+            clear=s.engagelab.clear_empty,
+            keep_runs=s.state.keep_runs,
+        )
         return Engine(knobs, self.source, self.state, self.client)
 
 

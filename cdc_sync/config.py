@@ -377,6 +377,7 @@ class StateSettings(BaseModel):
 
     # validate_default: the default path is relative and must be anchored like a written one.
     url: str = Field(default=DEFAULT_STATE_URL, validate_default=True)
+    keep_runs: PositiveDuration = timedelta(days=30)
 
     @field_validator("url")
     @classmethod
@@ -432,6 +433,7 @@ class EngageLabSettings(BaseModel):
         default_factory=dict
     )
     rate_limit_codes: tuple[Number, ...] = ()
+    clear_empty: bool = False
 
     @model_validator(mode="after")
     def _check_codes(self) -> Self:

@@ -70,6 +70,8 @@ class EngineSettings:
     lookback: timedelta | int
     retry: Retry
     audit_rows: int = 0  # rows the audit sweep reads per cycle; 0: no audit
+    clear: bool = False  # send "" for contacts that became empty (engagelab.clear_empty)
+    keep_runs: timedelta = timedelta(days=30)  # run history older than this is pruned
 
 
 class Engine:
@@ -91,11 +93,18 @@ class Engine:
         self.pusher = pusher
         self.clock = clock
         self.jitter = jitter
+        self._started = False
 
     def run_cycle(self, stop: threading.Event | None = None) -> CycleReport:
         """Run one cycle. ``stop`` is checked between pages: the page in flight is always finished
         and recorded. A fatal API answer is recorded in the run history and re-raised."""
         stop = stop or threading.Event()
+        if not self._started:  # first cycle of this process: tidy what a killed one left
+            self._started = True
+            abandoned = self.state.close_abandoned_runs(self.clock())
+            if abandoned:
+                log.warning("abandoned_runs_closed", sync=self.settings.name, runs=abandoned)
+        self.state.prune_runs(self.clock() - self.settings.keep_runs)
         before = self.state.watermark()
         run_id = self.state.start_run(self.clock(), before)
         cycle = _Cycle(self, before)
@@ -216,7 +225,7 @@ class _Cycle:
         """Map and compare a page (one state query), and submit the pushes it needs."""
         e = self.engine
         now = e.clock()
-        mapped = [map_row(row, salt=e.settings.name) for row in rows]
+        mapped = [map_row(row, salt=e.settings.name, clear=e.settings.clear) for row in rows]
         keys = [str(row.key) for row in rows]
         records = e.state.records(keys)
         actions = [
@@ -301,7 +310,7 @@ class _Cycle:
             budget -= len(rows)
             after = rows[-1].key if len(rows) == size else None  # a short page: wrap around
             judged = [r for r in rows if _behind(r, done_below, e.source.spec.gap_free)]
-            mapped = [map_row(r, salt=e.settings.name) for r in judged]
+            mapped = [map_row(r, salt=e.settings.name, clear=e.settings.clear) for r in judged]
             keys = [str(r.key) for r in judged]
             records = e.state.records(keys)
             out = [
@@ -346,8 +355,10 @@ def _behind(row: SourceRow, limit: Position, exact: bool) -> bool:
 
 
 def _payload(mapped: Mapped) -> Payload:
-    assert isinstance(mapped.result, Payload)
-    return mapped.result
+    result = mapped.result
+    payload = result if isinstance(result, Payload) else result.clears
+    assert payload is not None, "decide() pushes only payloads and clears"
+    return payload
 
 
 def _count_name(action: Action, status: Status | None, done: bool) -> str:

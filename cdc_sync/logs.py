@@ -33,3 +33,6 @@ def configure(level: str = "INFO", fmt: Literal["json", "console"] = "json") -> 
     )
     # Libraries log through the standard library; keep them quiet unless something is wrong.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    # APScheduler warns each time a run is skipped because the previous cycle is still going;
+    # one cycle at a time with missed runs coalesced is the design, so that is not news.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)

@@ -30,7 +30,8 @@ class SourceRow:
 
 @dataclass(frozen=True, slots=True)
 class Payload:
-    """A request body for ``POST /v1/user/contact``; ``contacts`` is never empty."""
+    """A request body for ``POST /v1/user/contact``; ``contacts`` is never empty (but its
+    values are ``""`` where clearing is on and the column became empty)."""
 
     euid: int
     contacts: Mapping[str, str]
@@ -41,10 +42,15 @@ class Payload:
 
 @dataclass(frozen=True, slots=True)
 class Skip:
-    """Why a row is not pushed. ``reason`` never holds contact values: safe to store and log."""
+    """Why a row is not pushed. ``reason`` never holds contact values: safe to store and log.
+
+    ``clears`` is the payload that empties every contact, when clearing is on and the euid is
+    valid: sent only if EngageLab holds something for the user (see :func:`rules.decide`).
+    """
 
     reason: str
     euid: int | None = None
+    clears: Payload | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,16 +107,23 @@ def clean_contacts(raw: Mapping[str, Any]) -> dict[str, str]:
     return cleaned
 
 
-def map_row(row: SourceRow, *, salt: str) -> Mapped:
-    """Map one source row. ``salt`` (the sync name) keeps hashes from matching across syncs."""
+def map_row(row: SourceRow, *, salt: str, clear: bool = False) -> Mapped:
+    """Map one source row. ``salt`` (the sync name) keeps hashes from matching across syncs.
+
+    With ``clear`` a contact whose column is NULL or empty is sent as ``""``, which empties it
+    in EngageLab; without it, it is left out and EngageLab keeps what it had (patch semantics).
+    """
     contacts = clean_contacts(row.contacts)
     euid = parse_euid(row.euid)
+    if clear:
+        contacts = {key: contacts.get(key, "") for key in sorted(row.contacts)}
     result: Payload | Skip
     if isinstance(euid, str):
         result = Skip(euid)
         hashed_euid: int | str = f"invalid:{row.euid!r}"
-    elif not contacts:
-        result = Skip("no contact values", euid)
+    elif not any(contacts.values()):
+        clears = Payload(euid, contacts) if contacts else None
+        result = Skip("no contact values", euid, clears)
         hashed_euid = euid
     else:
         result = Payload(euid, contacts)

@@ -82,9 +82,12 @@ def decide(
     """What to do with a row. ``retrying`` is set when the row was re-read for a due retry."""
     h = mapped.hash
     if isinstance(mapped.result, Skip):
-        if record and record.status is Status.SKIPPED and record.attempted_hash == h:
-            return Action.UNCHANGED
-        return Action.SKIP
+        holds_values = record is not None and record.pushed_hash not in (None, h)
+        if mapped.result.clears is None or not holds_values:
+            if record and record.status is Status.SKIPPED and record.attempted_hash == h:
+                return Action.UNCHANGED
+            return Action.SKIP
+        # Every contact became empty and clearing is on: empty what EngageLab still holds.
     if record is None:
         return Action.PUSH
     if record.pushed_hash == h:

@@ -304,6 +304,28 @@ class StateStore:
                 )
             )
 
+    def close_abandoned_runs(self, now: datetime) -> int:
+        """Mark runs left ``running`` by a process that died (SIGKILL, power loss) ``abandoned``.
+
+        Called under the instance lock, so no run of this sync can really be running.
+        """
+        with self._connect() as connection, connection.begin():
+            result = connection.execute(
+                update(sync_runs)
+                .where(sync_runs.c.sync_name == self.sync_name, sync_runs.c.outcome == "running")
+                .values(outcome="abandoned", error="the process ended without finishing the run")
+            )
+            return result.rowcount
+
+    def prune_runs(self, before: datetime) -> None:
+        """Forget run history older than ``before`` (served by the sync_name, started_at index)."""
+        with self._connect() as connection, connection.begin():
+            connection.execute(
+                sync_runs.delete().where(
+                    sync_runs.c.sync_name == self.sync_name, sync_runs.c.started_at < before
+                )
+            )
+
     # -- the audit sweep ------------------------------------------------------------------
 
     def audit_position(self) -> Any:

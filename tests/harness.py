@@ -58,6 +58,7 @@ class World:
         self.lookback: timedelta | int = timedelta(minutes=5)
         self.batch_size = 10
         self.audit_rows = 0
+        self.clear = False
 
     def engine(self, client: EngageLabClient | None = None) -> Engine:
         spec = SourceSpec(
@@ -69,7 +70,9 @@ class World:
             cursor_mode="xid8" if self.xid8 else "timestamp",
         )
         retry = Retry(timedelta(seconds=30), timedelta(minutes=10), 5)
-        settings = EngineSettings("users", self.batch_size, self.lookback, retry, self.audit_rows)
+        settings = EngineSettings(
+            "users", self.batch_size, self.lookback, retry, self.audit_rows, self.clear
+        )
         return Engine(
             settings,
             Source(self.source_engine, spec),

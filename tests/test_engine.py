@@ -267,3 +267,46 @@ def test_run_history_records_each_cycle(world: World) -> None:
     assert [r["pushed"] for r in runs] == [0, 5]
     assert runs[1]["watermark_before"] is None and runs[0]["watermark_before"] is not None
     assert all(r["finished_at"] is not None for r in runs)
+
+
+def test_clear_empty_empties_a_contact_in_engagelab(world: World) -> None:
+    """With clearing on, a contact set to NULL is emptied in EngageLab, and a user with nothing
+    left is emptied entirely, then recorded as skipped."""
+    world.clear = True
+    world.users.add_users(range(1, 4), mobile="+8190")
+    world.cycle()
+
+    world.users.change(1, mobile=None)
+    world.users.change(2, email=None, mobile=None)
+    world.cycle()
+    world.cycle()
+
+    assert world.emulator.contacts[1001] == {"email": "user1@example.com"}
+    assert world.emulator.contacts[1002] == {}
+    assert world.emulator.received(1002)[-1] == {"email": "", "mobile_phone": "",
+                                                 "landline_phone": "", "whatsapp_phone": ""}
+    assert world.status(2)["status"] == "skipped"
+    assert world.emulator.contacts[1003] == {"email": "user3@example.com", "mobile_phone": "+8190"}
+
+
+def test_without_clearing_a_nulled_contact_is_kept(world: World) -> None:
+    """By default a contact set to NULL is left out, and EngageLab keeps the old value."""
+    world.users.add_users([1], mobile="+8190")
+    world.cycle()
+
+    world.users.change(1, mobile=None)
+    world.cycle()
+
+    assert world.emulator.contacts[1001] == {"email": "user1@example.com", "mobile_phone": "+8190"}
+
+
+def test_a_new_process_closes_the_run_a_killed_one_left(world: World) -> None:
+    """The first cycle of a new engine marks a run left 'running' as abandoned."""
+    world.users.add_users([1])
+    left_running = world.state.start_run(world.clock.now, None)
+
+    world.cycle()
+
+    outcomes = {run["id"]: run["outcome"] for run in world.state.recent_runs()}
+    assert outcomes[left_running] == "abandoned"
+    assert list(outcomes.values()).count("ok") == 1

@@ -124,3 +124,26 @@ def test_payload_never_carries_empty_values(contacts: dict[str, object]) -> None
         assert all(v and v == v.strip() for v in mapped.result.contacts.values())
     else:
         assert mapped.result.reason == "no contact values"
+
+
+def test_clearing_sends_empty_strings_for_emptied_columns() -> None:
+    """With clear on, every mapped contact is in the payload, emptied ones as ""."""
+    mapped = map_row(row(5, email="a@b.c", mobile_phone=None, landline_phone=" "), salt="s",
+                     clear=True)
+
+    assert mapped.result == Payload(5, {"email": "a@b.c", "landline_phone": "", "mobile_phone": ""})
+
+
+def test_clearing_a_user_with_no_values_left_offers_a_clearing_payload() -> None:
+    """With clear on, a user with every contact empty is skipped, carrying the payload that
+    would empty them in EngageLab."""
+    mapped = map_row(row(5, email=None, mobile_phone=""), salt="s", clear=True)
+
+    clears = Payload(5, {"email": "", "mobile_phone": ""})
+    assert mapped.result == Skip("no contact values", 5, clears)
+
+
+def test_clearing_changes_the_hash() -> None:
+    """Turning clearing on changes a row's hash, so every user is pushed once in the new form."""
+    assert map_row(row(5, email="a", mobile_phone=None), salt="s").hash != map_row(
+        row(5, email="a", mobile_phone=None), salt="s", clear=True).hash

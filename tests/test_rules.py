@@ -15,7 +15,8 @@ POLICY = Retry(timedelta(seconds=30), timedelta(hours=1), max_attempts=5)
 PUSHABLE = map_row(SourceRow(1, 1, 7, {"email": "a@b.c"}), salt="s")
 OTHER = map_row(SourceRow(1, 1, 7, {"email": "x@b.c"}), salt="s")
 SKIPPED = map_row(SourceRow(1, 1, "bad", {"email": "a@b.c"}), salt="s")
-H, X, S = PUSHABLE.hash, OTHER.hash, SKIPPED.hash
+EMPTIED = map_row(SourceRow(1, 1, 7, {"email": None}), salt="s", clear=True)
+H, X, S, E = PUSHABLE.hash, OTHER.hash, SKIPPED.hash, EMPTIED.hash
 LATER, EARLIER = NOW + timedelta(minutes=1), NOW - timedelta(minutes=1)
 
 OK = ApiResult(Verdict.SUCCESS, 0, 200, "success")
@@ -51,6 +52,12 @@ def rec(
         (SKIPPED, None, False, Action.SKIP),
         (SKIPPED, rec(Status.SKIPPED, None, S), False, Action.UNCHANGED),
         (SKIPPED, rec(Status.SYNCED, H, H), False, Action.SKIP),
+        (EMPTIED, None, False, Action.SKIP),  # nothing to clear in EngageLab
+        (EMPTIED, rec(Status.SKIPPED, None, E), False, Action.UNCHANGED),
+        (EMPTIED, rec(Status.SYNCED, H, H), False, Action.PUSH),  # clear what it holds
+        (EMPTIED, rec(Status.SYNCED, E, E), False, Action.SKIP),  # cleared already: record why
+        (EMPTIED, rec(Status.SKIPPED, E, E), False, Action.UNCHANGED),
+        (EMPTIED, rec(Status.RETRYING, H, E, 1, LATER), False, Action.DEFER),
     ],
 )
 def test_decide(mapped, record, retrying, expected) -> None:  # type: ignore[no-untyped-def]

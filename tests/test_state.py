@@ -181,3 +181,32 @@ def test_encoded_values_are_readable() -> None:
     assert encode_value(uuid.UUID(int=1)) == "uuid:00000000-0000-0000-0000-000000000001"
     assert encode_value(date(2026, 1, 2)) == "date:2026-01-02"
     assert encode_value(Decimal("1.50")) == "decimal:1.50"
+
+
+def test_runs_left_running_are_marked_abandoned(store: StateStore) -> None:
+    """A run a killed process left 'running' is closed as 'abandoned'; finished runs are kept."""
+    from cdc_sync.state import RunCounts
+
+    killed = store.start_run(NOW, None)
+    done = store.start_run(NOW, None)
+    store.finish_run(done, NOW, "ok", RunCounts(), None)
+
+    closed = store.close_abandoned_runs(NOW)
+
+    outcomes = {run["id"]: run["outcome"] for run in store.recent_runs()}
+    assert closed == 1
+    assert outcomes == {killed: "abandoned", done: "ok"}
+
+
+def test_old_runs_are_pruned(store: StateStore) -> None:
+    """Runs that started before the cut-off are deleted; newer ones and other syncs' stay."""
+    old = store.start_run(NOW - timedelta(days=31), None)
+    new = store.start_run(NOW - timedelta(days=1), None)
+    other = StateStore(store.engine, "other")
+    other.start_run(NOW - timedelta(days=31), None)
+
+    store.prune_runs(NOW - timedelta(days=30))
+
+    assert [run["id"] for run in store.recent_runs()] == [new]
+    assert old != new
+    assert len(other.recent_runs()) == 1
