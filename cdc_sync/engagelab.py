@@ -164,21 +164,24 @@ class EngageLabClient:
         self.pacer = Pacer(rate_limit, clock)
         self.refused = False
         token = base64.b64encode(f"{api_key}:{api_secret}".encode()).decode()
-        headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+        self._headers = httpx.Headers(
+            {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+        )
+        self._url = httpx.URL(self.url)
+        # The transport is called directly, not through httpx.AsyncClient: the client's
+        # machinery (auth flows, cookies, redirects, hooks) is unused here and measured at about
+        # 0.4 ms of CPU per request, as much as everything else a push costs together.
+        self._transport = transport or AiohttpTransport(concurrency, timeout)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="engagelab", daemon=True
         )
         self._thread.start()
 
-        async def open_client() -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
-            return httpx.AsyncClient(
-                transport=transport or AiohttpTransport(concurrency, timeout),
-                headers=headers,
-                timeout=timeout,
-            ), asyncio.Semaphore(concurrency)
+        async def make_slots() -> asyncio.Semaphore:
+            return asyncio.Semaphore(concurrency)
 
-        self._client, self._slots = self._run(open_client())
+        self._slots = self._run(make_slots())
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -217,8 +220,10 @@ class EngageLabClient:
     async def push(self, payload: Payload) -> ApiResult:
         """One request; transport failures become TRANSIENT results, never exceptions."""
         body = json.dumps(payload.body(), separators=(",", ":"), ensure_ascii=False).encode()
+        request = httpx.Request("POST", self._url, headers=self._headers, content=body)
         try:
-            response = await self._client.post(self.url, content=body)
+            response = await self._transport.handle_async_request(request)
+            content = await response.aread()
         except httpx.TimeoutException:
             self.pacer.record(Signal.OVERLOADED)
             return ApiResult(Verdict.TRANSIENT, None, None, "request timed out")
@@ -228,7 +233,7 @@ class EngageLabClient:
                 Verdict.TRANSIENT, None, None, f"connection failed: {type(exc).__name__}"
             )
         result = classify(
-            response.status_code, response.content, response.headers.get("retry-after"), self.policy
+            response.status_code, content, response.headers.get("retry-after"), self.policy
         )
         self.pacer.record(_signal(result))
         if result.retry_after:
@@ -238,7 +243,7 @@ class EngageLabClient:
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        self._run(self._client.aclose())
+        self._run(self._transport.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()

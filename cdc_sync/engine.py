@@ -38,6 +38,8 @@ from cdc_sync.state import RunCounts, StateStore
 
 log = structlog.get_logger("cdc_sync.engine")
 
+PRUNE_EVERY = timedelta(hours=1)  # how often old run history is deleted
+
 
 class Pusher(Protocol):
     """What the engine needs from the EngageLab client (``engagelab.EngageLabClient``)."""
@@ -94,6 +96,7 @@ class Engine:
         self.clock = clock
         self.jitter = jitter
         self._started = False
+        self._pruned: datetime | None = None
 
     def run_cycle(self, stop: threading.Event | None = None) -> CycleReport:
         """Run one cycle. ``stop`` is checked between pages: the page in flight is always finished
@@ -104,7 +107,9 @@ class Engine:
             abandoned = self.state.close_abandoned_runs(self.clock())
             if abandoned:
                 log.warning("abandoned_runs_closed", sync=self.settings.name, runs=abandoned)
-        self.state.prune_runs(self.clock() - self.settings.keep_runs)
+        if self._pruned is None or self.clock() - self._pruned >= PRUNE_EVERY:
+            self._pruned = self.clock()
+            self.state.prune_runs(self._pruned - self.settings.keep_runs)
         before = self.state.watermark()
         run_id = self.state.start_run(self.clock(), before)
         cycle = _Cycle(self, before)
@@ -263,7 +268,8 @@ class _Cycle:
             self.held = not all(recorded) or (
                 ceiling is not None and positions[-1].cursor > ceiling
             )
-        e.state.commit_page(updates, watermark, batch.now)
+        moved = watermark if watermark != self.watermark else None
+        e.state.commit_page(updates, moved, batch.now)
         self.watermark = watermark
         log.info(
             "page_recorded",

@@ -1,8 +1,9 @@
 """How fast requests start: a shared pace that obeys the configured limit and backs off when
 EngageLab signals throttling (all pure arithmetic over an injected clock).
 
-* Requests are spaced evenly at the current rate (reservation style), so no one-second window
-  holds more than ``rate + 1`` starts and idle time is never banked into a burst.
+* Requests start evenly spaced at the current rate, one at a time through a gate, each slot
+  counted from when the previous request really started: no one-second window holds more than
+  ``rate + 1`` starts, and neither idle time nor a stall is made up for with a burst.
 * A throttling signal (HTTP 429, a configured rate-limit code, or a burst of 5xx / code -1)
   sets the rate just below what EngageLab accepted in the last second — one step to a rate it
   takes, instead of halving blindly for many seconds — at most once a second.
@@ -51,21 +52,30 @@ class Pacer:
         self._growth = growth
         self._backoff = backoff
         self._next = 0.0
+        self._gate = asyncio.Lock()
         self._cut = self._grown = clock()  # when the rate last went down, and up
         self._answers: deque[tuple[float, Signal]] = deque()
 
-    def reserve(self) -> float:
-        """Claim the next start slot; returns how long the caller waits for it."""
-        now = self._clock()
-        start = max(now, self._next)
+    def wait_time(self) -> float:
+        """How long the next request must wait for its slot."""
+        return max(0.0, self._next - self._clock())
+
+    def take(self) -> None:
+        """A request starts now: the next slot is one interval later.
+
+        Counted from now, not from the slot it was due in, so a request that starts late (the
+        process stalled, the loop was busy) does not let the ones after it bunch up to catch
+        up: no one-second window ever holds more than ``rate + 1`` starts.
+        """
         if self.rate:
-            self._next = start + 1.0 / self.rate
-        return start - now
+            self._next = max(self._next, self._clock()) + 1.0 / self.rate
 
     async def acquire(self) -> None:
-        delay = self.reserve()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        """Wait for this request's slot; requests pass the gate one at a time."""
+        async with self._gate:
+            while (delay := self.wait_time()) > 0:
+                await asyncio.sleep(delay)
+            self.take()
 
     def pause(self, seconds: float) -> None:
         """Nobody starts before ``seconds`` from now (``Retry-After``)."""

@@ -1,8 +1,9 @@
 """The source: the application's user table on a read replica, read in keyset pages.
 
 :func:`page_query` plans a page (pure); :class:`Source` runs it, each page in its own short
-read-only transaction, and never writes. Pages are ordered by ``(cursor, key)`` and resumed with a
-row-value comparison, so rows sharing a cursor value are neither lost nor read twice within a cycle.
+transaction on a read-only session, and never writes. Pages are ordered by ``(cursor, key)`` and
+resumed with a row-value comparison, so rows sharing a cursor value are neither lost nor read
+twice within a cycle.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sqlalchemy import (
     Table,
     Text,
     cast,
+    event,
     func,
     inspect,
     literal,
@@ -167,6 +169,20 @@ class Source:
         self.spec = spec
         self._sleep = sleep
         self._table: Table | None = None
+        if engine.dialect.name == "postgresql":
+            event.listen(engine, "connect", self._configure_session)
+
+    def _configure_session(self, dbapi_connection: Any, _record: Any) -> None:
+        """Every session on the source is read-only and bounded by the statement timeout.
+
+        Set once per connection rather than per transaction: an idle poll is a couple of
+        queries, and two extra round trips each would double it.
+        """
+        millis = int(self.spec.statement_timeout.total_seconds() * 1000)
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            cursor.execute(f"SET statement_timeout = {millis}")
+        dbapi_connection.commit()
 
     @property
     def table(self) -> Table:
@@ -272,10 +288,6 @@ class Source:
         for attempt in range(1, READ_ATTEMPTS + 1):
             try:
                 with self.engine.connect() as connection, connection.begin():
-                    if self.engine.dialect.name == "postgresql":
-                        millis = int(self.spec.statement_timeout.total_seconds() * 1000)
-                        connection.exec_driver_sql("SET TRANSACTION READ ONLY")
-                        connection.exec_driver_sql(f"SET LOCAL statement_timeout = {millis}")
                     return connection.execute(query).all()
             except SQLAlchemyError as exc:
                 if attempt == READ_ATTEMPTS or not retryable(exc):
@@ -292,16 +304,14 @@ class Source:
         raise AssertionError("unreachable")
 
     def _read(self, query: Select[Any]) -> list[SourceRow]:
+        """Run a query over ``spec.columns()`` and build its rows (by position: a hot loop)."""
         spec = self.spec
-        rows = self._run(query)
+        at = {name: index for index, name in enumerate(spec.columns())}
+        key, cursor, euid = at[spec.key], at[spec.cursor], at[spec.euid]
+        contacts = [(k, at[column]) for k, column in spec.contacts.items()]
         return [
-            SourceRow(
-                key=row._mapping[spec.key],
-                cursor=row._mapping[spec.cursor],
-                euid=row._mapping[spec.euid],
-                contacts={k: row._mapping[col] for k, col in spec.contacts.items()},
-            )
-            for row in rows
+            SourceRow(row[key], row[cursor], row[euid], {k: row[i] for k, i in contacts})
+            for row in self._run(query)
         ]
 
     # -- what `cdc-sync check` reports ------------------------------------------------------

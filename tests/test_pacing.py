@@ -1,5 +1,8 @@
 """The pace of requests: spacing, Retry-After, and adapting to throttling (fake clock, no I/O)."""
 
+import bisect
+import random
+
 import pytest
 
 from cdc_sync.pacing import Pacer, Signal
@@ -13,39 +16,78 @@ class Clock:
         return self.now
 
 
+def starts(pacer: Pacer, clock: Clock, count: int) -> list[float]:
+    """Start ``count`` requests as the gate lets them through; their start times."""
+    times = []
+    for _ in range(count):
+        clock.now += pacer.wait_time()
+        pacer.take()
+        times.append(clock.now)
+    return times
+
+
 def test_requests_are_spaced_evenly_at_the_limit() -> None:
-    """At rate R, the n-th of a burst of requests waits (n-1)/R seconds."""
-    pacer = Pacer(10.0, Clock())
+    """At rate R, requests start 1/R seconds apart."""
+    clock = Clock()
 
-    waits = [pacer.reserve() for _ in range(4)]
+    times = starts(Pacer(10.0, clock), clock, 4)
 
-    assert waits == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert times == pytest.approx([100.0, 100.1, 100.2, 100.3])
 
 
 def test_idle_time_is_not_banked_into_a_burst() -> None:
     """After an idle minute requests are still paced, not released all at once."""
     clock = Clock()
     pacer = Pacer(10.0, clock)
-    pacer.reserve()
+    pacer.take()
     clock.now += 60
 
-    assert [pacer.reserve() for _ in range(3)] == pytest.approx([0.0, 0.1, 0.2])
+    assert starts(pacer, clock, 3) == pytest.approx([160.0, 160.1, 160.2])
+
+
+def test_a_late_start_does_not_make_the_next_ones_bunch_up() -> None:
+    """A request that starts late (a stall) pushes the next slot back: no catching up."""
+    clock = Clock()
+    pacer = Pacer(10.0, clock)
+    pacer.take()
+    clock.now += 0.35  # due at 100.1, but the process stalled until 100.35
+
+    pacer.take()
+
+    assert pacer.wait_time() == pytest.approx(0.1)
 
 
 def test_no_limit_means_no_wait() -> None:
     """Without a configured limit and without complaints, nothing waits."""
-    pacer = Pacer(None, Clock())
+    clock = Clock()
 
-    assert [pacer.reserve() for _ in range(100)] == [0.0] * 100
+    assert starts(Pacer(None, clock), clock, 100) == [100.0] * 100
 
 
 def test_retry_after_holds_every_later_request() -> None:
-    """A pause (Retry-After) delays every request reserved after it, paced from its end."""
+    """A pause (Retry-After) delays every request after it, paced from its end."""
     clock = Clock()
     pacer = Pacer(10.0, clock)
     pacer.pause(5)
 
-    assert [pacer.reserve() for _ in range(2)] == pytest.approx([5.0, 5.1])
+    assert starts(pacer, clock, 2) == pytest.approx([105.0, 105.1])
+
+
+@pytest.mark.parametrize("rate", [7.0, 100.0, 333.0])
+def test_no_one_second_window_holds_more_than_rate_plus_one(rate: float) -> None:
+    """With random stalls between requests, any 1 s window holds at most rate + 1 starts."""
+    clock = Clock()
+    pacer = Pacer(rate, clock)
+    stalls = random.Random(1)
+    times = []
+    for _ in range(2000):
+        clock.now += pacer.wait_time() + (stalls.random() * 0.2 if stalls.random() < 0.05 else 0)
+        pacer.take()
+        times.append(clock.now)
+
+    busiest = max(bisect.bisect_left(times, t + 1.0) - i for i, t in enumerate(times))
+
+    assert busiest <= rate + 1
 
 
 def answer(pacer: Pacer, clock: Clock, signal: Signal, count: int, spread: float) -> None:
@@ -132,7 +174,8 @@ def simulate(limit: float | None, capacity: float, seconds: float) -> tuple[int,
     start = clock.now
     step = 1 / 2000  # an eager client: up to 2000 attempts a second when unpaced
     while clock.now - start < seconds:
-        clock.now += max(step, pacer.reserve())
+        clock.now += max(step, pacer.wait_time())
+        pacer.take()
         tokens = min(capacity, tokens + (clock.now - last) * capacity)
         last = clock.now
         late = clock.now - start > 10

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DBAPIError
 from userdb import CONTACT_COLUMNS, UserDb
 
 from cdc_sync.errors import SourceError
@@ -20,8 +21,11 @@ STAMP = datetime(2026, 1, 1, tzinfo=UTC)
 
 @pytest.fixture(params=["postgres", "sqlite"])
 def users(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[UserDb]:
-    url = (request.getfixturevalue("pg_database") if request.param == "postgres"
-           else f"sqlite:///{tmp_path}/app.db")
+    url = (
+        request.getfixturevalue("pg_database")
+        if request.param == "postgres"
+        else f"sqlite:///{tmp_path}/app.db"
+    )
     db = UserDb(url)
     yield db
     db.dispose()
@@ -62,14 +66,19 @@ def test_start_reads_from_a_cursor_value_inclusive(users: UserDb) -> None:
 
 def test_rows_carry_raw_values_by_contact_key(users: UserDb) -> None:
     """A row maps contact keys to the raw column values, NULLs included."""
-    users.insert([{"id": 1, "email": "a@b.c", "mobile": " 090 ", "engagelab_euid": 7,
-                   "updated_at": STAMP}])
+    users.insert(
+        [{"id": 1, "email": "a@b.c", "mobile": " 090 ", "engagelab_euid": 7, "updated_at": STAMP}]
+    )
 
     [row] = source_for(users).read_page(None, None, 10)
 
     assert (row.key, row.euid) == (1, 7)
-    assert row.contacts == {"email": "a@b.c", "mobile_phone": " 090 ", "landline_phone": None,
-                            "whatsapp_phone": None}
+    assert row.contacts == {
+        "email": "a@b.c",
+        "mobile_phone": " 090 ",
+        "landline_phone": None,
+        "whatsapp_phone": None,
+    }
 
 
 def test_read_keys_returns_current_rows(users: UserDb) -> None:
@@ -113,7 +122,8 @@ def test_missing_index_gets_a_create_statement(pg_database: str) -> None:
 
     assert source.cursor_index() is None
     assert source.index_statement() == (
-        "CREATE INDEX CONCURRENTLY users_updated_at_id_idx ON users (updated_at, id);")
+        "CREATE INDEX CONCURRENTLY users_updated_at_id_idx ON users (updated_at, id);"
+    )
     db.dispose()
 
 
@@ -127,8 +137,8 @@ def recorded_statements(engine: Engine) -> list[str]:
     return seen
 
 
-def test_source_only_reads_in_read_only_transactions(pg_database: str) -> None:
-    """Every statement the reader sends is a SELECT inside a transaction declared read-only."""
+def test_source_only_reads_on_read_only_sessions(pg_database: str) -> None:
+    """The reader sends nothing but SELECTs, on sessions where a write would be refused."""
     db = UserDb(pg_database)
     db.add_users(range(1, 10))
     engine = create_engine(pg_database)
@@ -137,9 +147,14 @@ def test_source_only_reads_in_read_only_transactions(pg_database: str) -> None:
 
     read_all(source, 3)
     source.read_keys([1, 2])
+    source.horizon()
 
-    assert set(seen) == {"SELECT", "SET"}
-    assert seen.count("SET") == 2 * 5  # READ ONLY + statement_timeout, for each of 5 queries
+    assert set(seen) == {"SELECT"}
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SHOW transaction_read_only").scalar() == "on"
+        assert connection.exec_driver_sql("SHOW statement_timeout").scalar() == "30s"
+        with pytest.raises(DBAPIError, match="read-only transaction"):
+            connection.exec_driver_sql("UPDATE users SET name = 'x'")
     db.dispose()
 
 
@@ -148,10 +163,17 @@ def test_statement_timeout_cancels_a_slow_read(pg_database: str) -> None:
     db = UserDb(pg_database)
     db.add_users(range(1, 3))
     with db.engine.begin() as connection:
-        connection.execute(text(
-            "CREATE VIEW slow_users AS SELECT u.* FROM users u, LATERAL pg_sleep(2)"))
-    spec = SourceSpec("slow_users", "id", "updated_at", "engagelab_euid", CONTACT_COLUMNS,
-                      statement_timeout=timedelta(milliseconds=200))
+        connection.execute(
+            text("CREATE VIEW slow_users AS SELECT u.* FROM users u, LATERAL pg_sleep(2)")
+        )
+    spec = SourceSpec(
+        "slow_users",
+        "id",
+        "updated_at",
+        "engagelab_euid",
+        CONTACT_COLUMNS,
+        statement_timeout=timedelta(milliseconds=200),
+    )
 
     with pytest.raises(SourceError, match="statement timeout"):
         source_for(db, spec).read_page(None, None, 10)
