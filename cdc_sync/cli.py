@@ -29,7 +29,6 @@ from cdc_sync.errors import CdcSyncError
 from cdc_sync.lock import InstanceLock
 from cdc_sync.report import render_check, render_status
 from cdc_sync.rules import Retry
-from cdc_sync.scheduler import Daemon
 from cdc_sync.source import Source, SourceSpec
 from cdc_sync.state import StateStore
 
@@ -61,6 +60,13 @@ class App:
         return Engine(knobs, self.source, self.state, self.client)
 
 
+# No pre-ping: it costs a round trip per checkout, an idle poll's largest cost. A connection
+# that died is found by the statement that uses it: source reads retry on a fresh one, and a
+# state failure ends the cycle, the pool drops the dead connection, and the next cycle runs.
+# Recycling keeps connections younger than most firewalls' idle timeouts.
+POOL: dict[str, Any] = {"pool_size": 2, "max_overflow": 2, "pool_recycle": 1800}
+
+
 def state_engine(url: str) -> SqlEngine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
@@ -73,13 +79,13 @@ def state_engine(url: str) -> SqlEngine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+    return create_engine(url, **POOL)
 
 
 def source_engine(url: str) -> SqlEngine:
     if url.startswith("sqlite"):
         return create_engine(url)
-    return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+    return create_engine(url, **POOL)
 
 
 def source_spec(s: Settings) -> SourceSpec:
@@ -164,6 +170,8 @@ def cmd_once(app: App, args: argparse.Namespace) -> int:
 def cmd_run(app: App, args: argparse.Namespace) -> int:
     app.state.require_schema()
     app.source.open()
+    from cdc_sync.scheduler import Daemon  # APScheduler is only needed here
+
     lock = InstanceLock(app.state.engine, app.settings.name)
     return Daemon(app.engine(), app.settings.schedule.interval, lock).run()
 

@@ -1,9 +1,9 @@
 """How fast requests start: a shared pace that obeys the configured limit and backs off when
 EngageLab signals throttling (all pure arithmetic over an injected clock).
 
-* Requests start evenly spaced at the current rate, one at a time through a gate, each slot
-  counted from when the previous request really started: no one-second window holds more than
-  ``rate + 1`` starts, and neither idle time nor a stall is made up for with a burst.
+* Requests start evenly spaced at the current rate, one at a time through a gate. Lateness up
+  to SLACK is made up (so timer jitter does not lower the rate); a longer stall is not (so it
+  does not end in a burst): no one-second window holds more than ``rate * 1.02 + 1`` starts.
 * A throttling signal (HTTP 429, a configured rate-limit code, or a burst of 5xx / code -1)
   sets the rate just below what EngageLab accepted in the last second — one step to a rate it
   takes, instead of halving blindly for many seconds — at most once a second.
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from enum import Enum
 
 WINDOW = 1.0  # seconds of answers the pace looks back on
+SLACK = 0.02  # seconds a start may lag its slot and still keep the schedule
 ERROR_BURST = 10  # server errors in a window that count as a throttling signal (if half or more)
 
 
@@ -61,14 +62,18 @@ class Pacer:
         return max(0.0, self._next - self._clock())
 
     def take(self) -> None:
-        """A request starts now: the next slot is one interval later.
+        """A request starts now: the next slot is one interval after the one it was due in.
 
-        Counted from now, not from the slot it was due in, so a request that starts late (the
-        process stalled, the loop was busy) does not let the ones after it bunch up to catch
-        up: no one-second window ever holds more than ``rate + 1`` starts.
+        A request that starts a little late (an event loop wakes a millisecond after the
+        timer) keeps the schedule, or every interval would stretch by that much and the rate
+        fall short. One that starts later than SLACK (the process stalled) restarts the
+        schedule from now instead of letting the ones after it catch up in a burst: a
+        one-second window never holds more than ``rate * (1 + SLACK) + 1`` starts.
         """
         if self.rate:
-            self._next = max(self._next, self._clock()) + 1.0 / self.rate
+            now = self._clock()
+            due = self._next if self._next >= now - SLACK else now
+            self._next = due + 1.0 / self.rate
 
     async def acquire(self) -> None:
         """Wait for this request's slot; requests pass the gate one at a time."""

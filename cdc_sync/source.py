@@ -169,6 +169,8 @@ class Source:
         self.spec = spec
         self._sleep = sleep
         self._table: Table | None = None
+        # One statement, one implicit read-only transaction: no BEGIN/COMMIT round trips.
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         if engine.dialect.name == "postgresql":
             event.listen(engine, "connect", self._configure_session)
 
@@ -280,14 +282,14 @@ class Source:
         return text
 
     def _run(self, query: Executable) -> Sequence[Any]:
-        """Run one query in its own short read-only transaction, retrying what a replica throws.
+        """Run one query (its own short read-only transaction), retrying what a replica throws.
 
         A recovery conflict or a dropped connection gets a fresh transaction on a fresh
         connection after a short backoff; anything else, or the last failure, is a SourceError.
         """
         for attempt in range(1, READ_ATTEMPTS + 1):
             try:
-                with self.engine.connect() as connection, connection.begin():
+                with self._autocommit.connect() as connection:
                     return connection.execute(query).all()
             except SQLAlchemyError as exc:
                 if attempt == READ_ATTEMPTS or not retryable(exc):

@@ -15,12 +15,8 @@ from dataclasses import dataclass, fields
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -44,6 +40,9 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.exc import SQLAlchemyError
 
 from cdc_sync.errors import StateError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 from cdc_sync.models import UtcDateTime, sync_runs, sync_state, sync_status
 from cdc_sync.rules import Position, Record, Status, Update
 
@@ -60,6 +59,8 @@ def migrations_dir() -> Path:
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config  # alembic is imported by the commands that migrate
+
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     config.attributes["connection"] = connection
@@ -138,6 +139,7 @@ class StateStore:
 
     def __init__(self, engine: Engine, sync_name: str) -> None:
         self.engine = engine
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.sync_name = sync_name
         dialect = engine.dialect.name
         if dialect not in ("sqlite", "postgresql"):
@@ -147,15 +149,22 @@ class StateStore:
     # -- schema ---------------------------------------------------------------------------
 
     def migrate(self, revision: str = "head") -> None:
-        with self._connect() as connection, connection.begin():
+        from alembic import command
+
+        with self._transaction() as connection:
             command.upgrade(alembic_config(connection), revision)
 
     def downgrade(self, revision: str) -> None:
-        with self._connect() as connection, connection.begin():
+        from alembic import command
+
+        with self._transaction() as connection:
             command.downgrade(alembic_config(connection), revision)
 
     def schema_revision(self) -> tuple[str | None, str | None]:
         """(current revision of the database, latest revision shipped)."""
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
         head = ScriptDirectory.from_config(alembic_config()).get_current_head()
         with self._connect() as connection:
             current = MigrationContext.configure(connection).get_current_revision()
@@ -233,7 +242,7 @@ class StateStore:
         """
         if not updates and watermark is None:
             return
-        with self._connect() as connection, connection.begin():
+        with self._transaction() as connection:
             self._upsert_status(connection, [self._row(u, now) for u in updates])
             if watermark is not None:
                 self._store_watermark(connection, watermark, now)
@@ -309,11 +318,11 @@ class StateStore:
         )
 
     def reset_watermark(self) -> None:
-        with self._connect() as connection, connection.begin():
+        with self._connect() as connection:  # one statement: atomic by itself
             connection.execute(sync_state.delete().where(sync_state.c.sync_name == self.sync_name))
 
     def start_run(self, now: datetime, watermark: Position | None) -> int:
-        with self._connect() as connection, connection.begin():
+        with self._connect() as connection:  # one statement: atomic by itself
             result = connection.execute(
                 insert(sync_runs).values(
                     sync_name=self.sync_name,
@@ -336,7 +345,7 @@ class StateStore:
         error: str | None = None,
         replica_lag: float | None = None,
     ) -> None:
-        with self._connect() as connection, connection.begin():
+        with self._connect() as connection:  # one statement: atomic by itself
             connection.execute(
                 update(sync_runs)
                 .where(sync_runs.c.id == run_id)
@@ -355,7 +364,7 @@ class StateStore:
 
         Called under the instance lock, so no run of this sync can really be running.
         """
-        with self._connect() as connection, connection.begin():
+        with self._connect() as connection:  # one statement: atomic by itself
             result = connection.execute(
                 update(sync_runs)
                 .where(sync_runs.c.sync_name == self.sync_name, sync_runs.c.outcome == "running")
@@ -365,7 +374,7 @@ class StateStore:
 
     def prune_runs(self, before: datetime) -> None:
         """Forget run history older than ``before`` (served by the sync_name, started_at index)."""
-        with self._connect() as connection, connection.begin():
+        with self._connect() as connection:  # one statement: atomic by itself
             connection.execute(
                 sync_runs.delete().where(
                     sync_runs.c.sync_name == self.sync_name, sync_runs.c.started_at < before
@@ -390,7 +399,7 @@ class StateStore:
         The retry phase then re-reads each one's current row and pushes it. An empty attempted
         hash matches no payload, so the push is not mistaken for one already attempted.
         """
-        with self._connect() as connection, connection.begin():
+        with self._transaction() as connection:
             if keys:
                 rows = [
                     self._row(
@@ -478,9 +487,24 @@ class StateStore:
 
     @contextmanager
     def _connect(self) -> Iterator[Connection]:
+        """A connection in autocommit: each statement is its own transaction.
+
+        Reads and single-statement writes need no BEGIN/COMMIT around them; an idle cycle is a
+        handful of statements, and three round trips each instead of one would triple it.
+        """
+        with self._guard(), self._autocommit.connect() as connection:
+            yield connection
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """A connection inside one transaction, for writes that must land together."""
+        with self._guard(), self.engine.connect() as connection, connection.begin():
+            yield connection
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
         try:
-            with self.engine.connect() as connection:
-                yield connection
+            yield
         except SQLAlchemyError as exc:
             raise StateError(
                 f"the tracking database {self._where()} failed: {_first_line(exc)}",
