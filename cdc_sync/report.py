@@ -61,6 +61,8 @@ def render_status(name: str, state: StateStore, *, limit: int = 10) -> str:
                 "deferred",
                 "failed",
                 "skipped",
+                "audit misses",
+                "lag",
                 "error",
             ],
             [
@@ -75,6 +77,8 @@ def render_status(name: str, state: StateStore, *, limit: int = 10) -> str:
                     r["deferred"],
                     r["failed"],
                     r["skipped"],
+                    r["audit_misses"],
+                    _lag(r["replica_lag_s"]),
                     r["error"],
                 ]
                 for r in runs
@@ -189,6 +193,11 @@ def lookback_warning(
         f"the longest write transaction ({longest:.1f}s); raise source.lookback above "
         f"{need:.0f}s, or use cursor_mode xid8"
     )
+
+
+def _lag(seconds: float | None) -> str | None:
+    """A run's replica lag for the runs table; None (shown '-') when the source is no replica."""
+    return None if seconds is None else f"{seconds:.1f}s"
 
 
 def _seconds(value: float | None, otherwise: str) -> str:

@@ -18,7 +18,9 @@ from typing import NoReturn
 
 import pytest
 from hypothesis import settings
+from userdb import UserDb
 
+from cdc_sync.emulator import Emulator, EmulatorServer
 from cdc_sync.testing.postgres import PostgresServer, scratch_dir
 
 SERVER_FIXTURES = {"postgres", "pg_database", "standby_pair"}
@@ -97,6 +99,21 @@ def standby_pair() -> Iterator[tuple[PostgresServer, PostgresServer]]:
         except (OSError, subprocess.SubprocessError, RuntimeError) as error:
             _unavailable(error)
         yield primary, standby
+
+
+@pytest.fixture
+def api() -> Iterator[EmulatorServer]:
+    """An EngageLab stand-in accepting key ``key`` and secret ``secret``, served over HTTP."""
+    with EmulatorServer(Emulator("key", "secret")) as server:
+        yield server
+
+
+@pytest.fixture
+def users(pg_database: str) -> Iterator[UserDb]:
+    """An empty ``users`` table, with the (updated_at, id) index, in a fresh source database."""
+    users = UserDb(pg_database)
+    yield users
+    users.dispose()
 
 
 # Speed is measured by benchmarks/, never asserted by tests: Hypothesis' per-example deadline is

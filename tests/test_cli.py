@@ -6,7 +6,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -80,21 +80,6 @@ def add_users_in_order(users: UserDb, ids: Iterable[int]) -> None:
 def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
     """The operator is told what is wrong, never shown Python's stack."""
     assert "Traceback" not in result.stderr, result.stderr
-
-
-@pytest.fixture
-def api() -> Iterator[EmulatorServer]:
-    """An EngageLab stand-in accepting key ``key`` and secret ``secret``, served over HTTP."""
-    with EmulatorServer(Emulator("key", "secret")) as server:
-        yield server
-
-
-@pytest.fixture
-def users(pg_database: str) -> Iterator[UserDb]:
-    """An empty ``users`` table, with the (updated_at, id) index, in a fresh source database."""
-    users = UserDb(pg_database)
-    yield users
-    users.dispose()
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import create_engine, select
 from userdb import UserDb, write_config
 
-from cdc_sync.emulator import Emulator, EmulatorServer, Faults
+from cdc_sync.emulator import EmulatorServer, Faults
 from cdc_sync.models import metadata
 from cdc_sync.state import decode_value
 
@@ -82,21 +82,6 @@ def read_state(url: str, table: str) -> list[dict[str, Any]]:
             return [dict(r._mapping) for r in connection.execute(select(metadata.tables[table]))]
     finally:
         engine.dispose()
-
-
-@pytest.fixture
-def api() -> Iterator[EmulatorServer]:
-    """An EngageLab stand-in accepting key ``key`` and secret ``secret``, served over HTTP."""
-    with EmulatorServer(Emulator("key", "secret")) as server:
-        yield server
-
-
-@pytest.fixture
-def users(pg_database: str) -> Iterator[UserDb]:
-    """An empty ``users`` table in a fresh source database."""
-    users = UserDb(pg_database)
-    yield users
-    users.dispose()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

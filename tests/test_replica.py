@@ -212,17 +212,23 @@ def test_xid8_mode_waits_for_a_long_transaction(xid_world: World) -> None:
     assert xid_world.emulator.received(1004) == [{"email": "user4@example.com"}]
 
 
-def test_timestamp_mode_loses_what_commits_behind_a_short_lookback(world: World) -> None:
-    """The counter-case: in timestamp mode a transaction longer than the lookback is missed."""
+def commit_behind_the_watermark(world: World) -> None:
+    """Users 1-3 synced; user 1 changed by a transaction that commits after user 4 was read,
+    stamped with its start time: behind the watermark, with no lookback to catch it."""
     world.lookback = timedelta(0)
     world.users.add_users(range(1, 4))
     world.cycle()
     long_tx = open_long_transaction(world.users, 1, "late@example.com")
     world.users.add_users([4])
-
     world.cycle()
     long_tx.commit()
     long_tx.close()
+
+
+def test_timestamp_mode_loses_what_commits_behind_a_short_lookback(world: World) -> None:
+    """The counter-case: in timestamp mode a transaction longer than the lookback is missed."""
+    commit_behind_the_watermark(world)
+
     world.cycle()
 
     assert world.emulator.received(1001) == [{"email": "user1@example.com"}]
@@ -230,15 +236,8 @@ def test_timestamp_mode_loses_what_commits_behind_a_short_lookback(world: World)
 
 def test_audit_detects_and_repairs_a_missed_change(world: World) -> None:
     """With a lookback shorter than a long transaction, the audit finds the miss and pushes it."""
-    world.lookback = timedelta(0)
     world.audit_rows = 100
-    world.users.add_users(range(1, 4))
-    world.cycle()
-    long_tx = open_long_transaction(world.users, 1, "late@example.com")
-    world.users.add_users([4])
-    world.cycle()
-    long_tx.commit()
-    long_tx.close()
+    commit_behind_the_watermark(world)
 
     report = world.cycle()
 
@@ -294,3 +293,25 @@ def test_no_write_transaction_is_visible_from_a_standby(standby_pair) -> None:  
     assert observed is None
     db.dispose()
     primary.drop_database("obs")
+
+
+def test_status_shows_the_replica_lag_of_each_run(standby_pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The operator's status view has each run's replay lag beside its counts."""
+    from cdc_sync.report import render_status
+
+    primary, standby = standby_pair
+    primary.create_database("lagview")
+    with World.running(
+        primary.url("lagview"), f"sqlite:///{tmp_path}/s.db", read_url=standby.url("lagview")
+    ) as world:
+        world.users.add_users([1])
+        primary.wait_for_replay(standby)
+        world.cycle()
+
+        text = render_status("users", world.state)
+
+    header, first_run = text.splitlines()[5:7]
+    lag = first_run[header.index(" lag ") + 1 :].split()[0]  # the cell under the "lag" heading
+    assert "audit misses" in header
+    assert lag.endswith("s") and float(lag[:-1]) >= 0
+    primary.drop_database("lagview")

@@ -1,0 +1,185 @@
+"""The databases of a benchmark: source databases holding a ``users`` table, tracking databases,
+and what the tracking tables say, read with plain SQL (cdc-sync's own modules are not imported,
+so their changes cannot break the reading)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from sqlalchemy import create_engine, text
+
+from cdc_sync.testing.postgres import PostgresServer
+
+ROW_SPACING_S = 30  # seconds between two users' updated_at: 1M users span ~347 days
+INDEX_NAME = "users_updated_at_id_idx"
+
+
+class Databases:
+    """Fresh databases on the one throwaway server: sources (``users``) and tracking databases."""
+
+    def __init__(self, server: PostgresServer, scratch: Path, state_kind: str) -> None:
+        self.server = server
+        self.scratch = scratch
+        self.state_kind = state_kind
+        self._count = 0
+        self._anchors: dict[str, datetime] = {}
+
+    def _name(self, prefix: str) -> str:
+        self._count += 1
+        return f"{prefix}_{self._count}"
+
+    def users(self, rows: int, ids: range | None = None) -> str:
+        """A new source database holding ``rows`` users, each with a changed (never pushed) email.
+
+        Loaded server-side (``INSERT ... SELECT generate_series``), then ``VACUUM ANALYZE`` gives
+        the planner what autovacuum would; the (updated_at, id) index is built after the load.
+        ``updated_at`` runs ``ROW_SPACING_S`` apart and ends an hour ago, so the 5-minute lookback
+        of an idle cycle re-reads ~10 rows, as on a table where a few users change per minute.
+        ``ids`` loads only some of the users (the rest can follow with :meth:`add_users`).
+        """
+        name = self._name("src")
+        self.server.create_database(name)
+        url = self.server.url(name)
+        self._anchors[url] = datetime.now(UTC) - timedelta(hours=1)
+        with psycopg.connect(self.source_dsn(url), autocommit=True) as conn:
+            conn.execute(
+                """
+                CREATE TABLE users (
+                    id bigint PRIMARY KEY,
+                    name text,
+                    email text,
+                    mobile text,
+                    landline text,
+                    whatsapp text,
+                    engagelab_euid bigint,
+                    updated_at timestamptz NOT NULL DEFAULT now()
+                )
+                """
+            )
+        self.add_users(url, rows, ids if ids is not None else range(1, rows + 1))
+        with psycopg.connect(self.source_dsn(url), autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("CREATE INDEX {} ON users (updated_at, id)").format(
+                    sql.Identifier(INDEX_NAME)
+                )
+            )
+        return url
+
+    def add_users(self, url: str, rows: int, ids: range) -> None:
+        """Insert users ``ids`` of a ``rows``-user table made by :meth:`users`, then analyze."""
+        insert = sql.SQL(
+            """
+            INSERT INTO users (id, name, email, engagelab_euid, updated_at)
+            SELECT i, 'user ' || i, 'user' || i || '@example.com', 1000 + i,
+                   {anchor} - ({rows} - i) * {spacing} * interval '1 second'
+            FROM generate_series({first}, {last}) AS i
+            """
+        ).format(
+            anchor=sql.Literal(self._anchors[url]),
+            rows=sql.Literal(rows),
+            spacing=sql.Literal(ROW_SPACING_S),
+            first=sql.Literal(ids.start),
+            last=sql.Literal(ids.stop - 1),
+        )
+        with psycopg.connect(self.source_dsn(url), autocommit=True) as conn:
+            conn.execute(insert)
+            conn.execute("VACUUM ANALYZE users")
+
+    def state(self) -> str:
+        """A new, empty tracking database: PostgreSQL on the same server, or a SQLite file."""
+        name = self._name("state")
+        if self.state_kind == "sqlite":
+            return f"sqlite:///{self.scratch / name}.db"
+        self.server.create_database(name)
+        return self.server.url(name)
+
+    def source_dsn(self, url: str) -> str:
+        """The libpq conninfo of a source database URL made by :meth:`users`."""
+        return self.server.dsn(url.rsplit("/", 1)[1])
+
+
+# -- the tracking tables, read with plain SQL ---------------------------------------------------
+
+
+def _as_datetime(value: Any) -> datetime:
+    """A timestamp from PostgreSQL (datetime) or SQLite (ISO text)."""
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One row of ``cdc_sync_runs``: a cycle as the engine recorded it."""
+
+    started_at: datetime
+    finished_at: datetime
+    outcome: str
+    rows_read: int
+    pushed: int
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished_at - self.started_at) / timedelta(seconds=1)
+
+
+def recent_runs(state_url: str, limit: int) -> list[RunRow]:
+    """The last ``limit`` finished cycles, oldest first."""
+    engine = create_engine(state_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT started_at, finished_at, outcome, rows_read, pushed "
+                    "FROM cdc_sync_runs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT :n"
+                ),
+                {"n": limit},
+            ).all()
+    finally:
+        engine.dispose()
+    return [
+        RunRow(_as_datetime(r[0]), _as_datetime(r[1]), r[2], int(r[3]), int(r[4]))
+        for r in reversed(rows)
+    ]
+
+
+def run_count(state_url: str) -> int:
+    """How many cycles ``cdc_sync_runs`` holds as finished."""
+    engine = create_engine(state_url)
+    try:
+        with engine.connect() as conn:
+            count = conn.execute(
+                text("SELECT count(*) FROM cdc_sync_runs WHERE finished_at IS NOT NULL")
+            ).scalar()
+    finally:
+        engine.dispose()
+    return int(count or 0)
+
+
+def status_counts(state_url: str) -> dict[str, int]:
+    """Users per status in ``cdc_sync_status``."""
+    engine = create_engine(state_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT status, count(*) FROM cdc_sync_status GROUP BY status")
+            ).all()
+    finally:
+        engine.dispose()
+    return {str(status): int(count) for status, count in rows}
+
+
+def watermark_cursor(state_url: str) -> datetime | None:
+    """The stored watermark's cursor (``datetime:<iso>``), or None if absent or unreadable."""
+    engine = create_engine(state_url)
+    try:
+        with engine.connect() as conn:
+            value = conn.execute(text("SELECT cursor_value FROM cdc_sync_state")).scalar()
+    finally:
+        engine.dispose()
+    if not isinstance(value, str) or not value.startswith("datetime:"):
+        return None
+    return datetime.fromisoformat(value.removeprefix("datetime:"))
