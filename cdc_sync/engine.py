@@ -300,11 +300,7 @@ class _Cycle:
         e = self.engine
         if self.watermark is None:
             return
-        done_below = (
-            self.watermark
-            if e.source.spec.gap_free
-            else Position(lookback_start(self.watermark, e.settings.lookback), None)
-        )
+        settled = _settled(self.watermark, e.source.spec.gap_free, e.settings.lookback)
         budget = e.settings.audit_rows
         after = e.state.audit_position()
         while budget > 0 and not stop.is_set():
@@ -315,7 +311,7 @@ class _Cycle:
                 continue
             budget -= len(rows)
             after = rows[-1].key if len(rows) == size else None  # a short page: wrap around
-            judged = [r for r in rows if _behind(r, done_below, e.source.spec.gap_free)]
+            judged = [r for r in rows if settled(r)]
             mapped = [map_row(r, salt=e.settings.name, clear=e.settings.clear) for r in judged]
             keys = [str(r.key) for r in judged]
             records = e.state.records(keys)
@@ -354,10 +350,15 @@ class _Cycle:
 _VANISHED = Skip("row no longer in the source")
 
 
-def _behind(row: SourceRow, limit: Position, exact: bool) -> bool:
+def _settled(
+    watermark: Position, exact: bool, lookback: timedelta | int
+) -> Callable[[SourceRow], bool]:
+    """Whether the poller is done with a row: at or behind the watermark in xid8 mode; behind
+    the start of the lookback window (which every cycle reads again) in timestamp mode."""
     if exact:
-        return (row.cursor, row.key) <= (limit.cursor, limit.key)
-    return bool(row.cursor < limit.cursor)
+        return lambda row: (row.cursor, row.key) <= (watermark.cursor, watermark.key)
+    start = lookback_start(watermark, lookback)
+    return lambda row: bool(row.cursor < start)
 
 
 def _payload(mapped: Mapped) -> Payload:
