@@ -97,6 +97,26 @@ class Engine:
         self.jitter = jitter
         self._started = False
         self._pruned: datetime | None = None
+        # Kept between cycles so an idle poll need not ask: while this instance holds the lock
+        # it is the only writer of both. (After a lock is lost and won back, the watermark held
+        # here can only be older than the stored one: rows are read again, never skipped.)
+        self._watermark: Position | None = None
+        self._watermark_known = False
+        self._next_due: datetime | None = None  # earliest next_attempt_at of a retrying user
+        self._due_known = False
+
+    def note_retry(self, when: datetime | None) -> None:
+        """A user was (re)scheduled for a retry at ``when``."""
+        if self._due_known and when is not None:
+            self._next_due = when if self._next_due is None else min(self._next_due, when)
+
+    def retries_may_be_due(self, now: datetime) -> bool:
+        return not self._due_known or (self._next_due is not None and self._next_due <= now)
+
+    def retries_checked(self) -> None:
+        """The retry queue was worked through: learn when the next retry falls due."""
+        self._next_due = self.state.earliest_retry()
+        self._due_known = True
 
     def run_cycle(self, stop: threading.Event | None = None) -> CycleReport:
         """Run one cycle. ``stop`` is checked between pages: the page in flight is always finished
@@ -110,7 +130,7 @@ class Engine:
         if self._pruned is None or self.clock() - self._pruned >= PRUNE_EVERY:
             self._pruned = self.clock()
             self.state.prune_runs(self._pruned - self.settings.keep_runs)
-        before = self.state.watermark()
+        before = self._watermark if self._watermark_known else self.state.watermark()
         run_id = self.state.start_run(self.clock(), before)
         cycle = _Cycle(self, before)
         log.info("cycle_started", sync=self.settings.name, run_id=run_id)
@@ -135,6 +155,7 @@ class Engine:
             outcome, error = "error", f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            self._watermark, self._watermark_known = cycle.watermark, True
             counts = cycle.counts()
             lag = cycle.horizon.replica_lag
             self.state.finish_run(
@@ -216,10 +237,13 @@ class _Cycle:
         """Retry users whose backoff has expired, from their current source row."""
         e = self.engine
         now = e.clock()
+        if not e.retries_may_be_due(now):
+            return
         seen: set[str] = set()
         while not stop.is_set():
             keys = [k for k in e.state.due_retries(now, e.settings.batch_size) if k not in seen]
             if not keys:
+                e.retries_checked()
                 return
             seen.update(keys)
             rows = e.source.read_keys([e.source.key_from_text(k) for k in keys])
@@ -257,6 +281,8 @@ class _Cycle:
             recorded.append(done)
             if update is not None:
                 updates.append(update)
+                if update.status is Status.RETRYING:
+                    e.note_retry(update.next_attempt_at)
             self.tally[_count_name(action, update.status if update else None, done)] += 1
         self.tally["rows_read"] += len(batch.rows)
 
@@ -318,7 +344,10 @@ class _Cycle:
             out = [
                 (k, m.euid) for k, m in zip(keys, mapped, strict=True) if missed(m, records.get(k))
             ]
-            e.state.requeue([k for k, _ in out], [euid for _, euid in out], e.clock(), after)
+            now = e.clock()
+            e.state.requeue([k for k, _ in out], [euid for _, euid in out], now, after)
+            if out:
+                e.note_retry(now)
             self.tally["audit_checked"] += len(judged)
             self.tally["audit_misses"] += len(out)
             if out:

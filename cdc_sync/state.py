@@ -215,6 +215,16 @@ class StateStore:
             return column == any_(bindparam("keys", list(keys), type_=ARRAY(String)))
         return column.in_(keys)
 
+    def earliest_retry(self) -> datetime | None:
+        """When the next retrying user falls due (None: nobody is retrying)."""
+        c = sync_status.c
+        query = select(func.min(c.next_attempt_at)).where(
+            c.sync_name == self.sync_name, c.status == Status.RETRYING.value
+        )
+        with self._connect() as connection:
+            earliest: datetime | None = connection.scalar(query)  # min() keeps the UTC type
+        return earliest
+
     def due_retries(self, now: datetime, limit: int) -> list[str]:
         """Keys of users whose transient failure is due for another attempt, oldest first."""
         c = sync_status.c

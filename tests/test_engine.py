@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from harness import World
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from cdc_sync.emulator import Faults
 from cdc_sync.engagelab import EngageLabClient
@@ -283,8 +283,12 @@ def test_clear_empty_empties_a_contact_in_engagelab(world: World) -> None:
 
     assert world.emulator.contacts[1001] == {"email": "user1@example.com"}
     assert world.emulator.contacts[1002] == {}
-    assert world.emulator.received(1002)[-1] == {"email": "", "mobile_phone": "",
-                                                 "landline_phone": "", "whatsapp_phone": ""}
+    assert world.emulator.received(1002)[-1] == {
+        "email": "",
+        "mobile_phone": "",
+        "landline_phone": "",
+        "whatsapp_phone": "",
+    }
     assert world.status(2)["status"] == "skipped"
     assert world.emulator.contacts[1003] == {"email": "user3@example.com", "mobile_phone": "+8190"}
 
@@ -310,3 +314,46 @@ def test_a_new_process_closes_the_run_a_killed_one_left(world: World) -> None:
     outcomes = {run["id"]: run["outcome"] for run in world.state.recent_runs()}
     assert outcomes[left_running] == "abandoned"
     assert list(outcomes.values()).count("ok") == 1
+
+
+def count_statements(world: World) -> list[str]:
+    """Every statement the tracking database receives from now on, by its first word."""
+    seen: list[str] = []
+    event.listen(
+        world.state.engine,
+        "before_cursor_execute",
+        lambda _c, _cur, statement, *_: seen.append(statement.split()[0].upper()),
+    )
+    return seen
+
+
+def test_an_idle_cycle_asks_the_tracking_database_little(world: World) -> None:
+    """A long-running engine's idle cycle reads no watermark and no retry queue it already knows:
+    one run start, one hash lookup, one run end."""
+    engine = world.engine()
+    world.users.add_users(range(1, 4))
+    engine.run_cycle()
+    engine.run_cycle()
+    seen = count_statements(world)
+
+    engine.run_cycle()
+
+    assert seen == ["INSERT", "SELECT", "UPDATE"]
+
+
+def test_a_long_running_engine_still_retries_when_due(world: World) -> None:
+    """Knowing the retry queue in memory never delays a retry past its time, nor makes one early."""
+    world.lookback = timedelta(0)  # only the retry queue can send user 2 again
+    engine = world.engine()
+    world.users.add_users(range(1, 4))
+    world.emulator.set_faults(Faults(fail_codes={1002: -1}))
+    engine.run_cycle()
+    world.emulator.set_faults(Faults())
+
+    world.clock.now += timedelta(seconds=10)
+    early = engine.run_cycle()
+    world.clock.now += timedelta(seconds=10)  # 20 s after the failure: due (backoff 15 s)
+    due = engine.run_cycle()
+
+    assert (early.counts.pushed, due.counts.pushed) == (0, 1)
+    assert world.status(2)["status"] == "synced"
