@@ -105,6 +105,14 @@ class Engine:
         self._next_due: datetime | None = None  # earliest next_attempt_at of a retrying user
         self._due_known = False
 
+    def begin_tenure(self) -> None:
+        """The lock was (re)acquired: another instance may have run meanwhile, so what this
+        engine remembers (watermark, retry queue, whether killed runs were tidied) is dropped
+        and read again on the next cycle."""
+        self._started = False
+        self._watermark_known = False
+        self._due_known = False
+
     def note_retry(self, when: datetime | None) -> None:
         """A user was (re)scheduled for a retry at ``when``."""
         if self._due_known and when is not None:

@@ -98,6 +98,7 @@ class Daemon:
         self.halt = threading.Event()
         if self.stopping.is_set():  # a stop that came before this tenure's halt existed
             return
+        self.engine.begin_tenure()  # another instance may have synced while we waited
         scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},

@@ -357,3 +357,20 @@ def test_a_long_running_engine_still_retries_when_due(world: World) -> None:
 
     assert (early.counts.pushed, due.counts.pushed) == (0, 1)
     assert world.status(2)["status"] == "synced"
+
+
+def test_a_new_tenure_of_the_lock_reads_the_state_again(world: World) -> None:
+    """After the lock is won back the engine forgets what it remembered: watermark, retry queue
+    and abandoned runs are read from the tracking database again (another instance may have
+    changed them)."""
+    engine = world.engine()
+    world.users.add_users(range(1, 4))
+    engine.run_cycle()
+    engine.run_cycle()
+    engine.begin_tenure()
+    seen = count_statements(world)
+
+    engine.run_cycle()
+
+    assert seen.count("SELECT") == 4  # watermark, last hashes, due retries, earliest retry
+    assert seen.count("UPDATE") == 2  # abandoned runs, run end

@@ -308,9 +308,14 @@ class ScriptedEngine:
 
     settings: Any = field(default_factory=lambda: SimpleNamespace(name="users"))
 
+    tenures: list[int] = field(default_factory=list)
+
     def run_cycle(self, stop: threading.Event | None = None) -> None:
         self.cycles.append((self.lock.acquired, self.lock.held))
         self.script(self)
+
+    def begin_tenure(self) -> None:
+        self.tenures.append(self.lock.acquired)
 
 
 @pytest.fixture
@@ -346,6 +351,7 @@ def test_daemon_that_loses_the_lock_stops_cycling_and_waits_for_it_again() -> No
 
     assert status == 0
     assert engine.cycles == [(1, True), (2, True)]
+    assert engine.tenures == [1, 2]  # what the engine remembers is dropped at each new tenure
     assert (lock.acquired, lock.released, lock.held) == (2, 1, False)
     assert [e["event"] for e in logs].count("lock_lost") == 1
 
