@@ -73,3 +73,9 @@ class FatalApiError(CdcSyncError):
         self.status = status
         self.message = message
         super().__init__(f"EngageLab refused the sync (HTTP {status}, code {code}): {message}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a (database) error, without SQLAlchemy's statement and background link."""
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

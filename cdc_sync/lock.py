@@ -45,7 +45,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from cdc_sync.errors import CdcSyncError, StateError
+from cdc_sync.errors import CdcSyncError, StateError, first_line
 
 log = structlog.get_logger("cdc_sync.lock")
 
@@ -286,7 +286,7 @@ class _AdvisoryLock:
             raise StateError(
                 f"cannot take the instance lock in "
                 f"{self._engine.url.render_as_string(hide_password=True)}: "
-                f"{_first_line(exc)}",
+                f"{first_line(exc)}",
                 "check that the tracking database is up and reachable",
             ) from exc
         return bool(taken)
@@ -382,8 +382,3 @@ class _FileLock:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)  # nobody holds it now; a stale name would mislead
         os.close(fd)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

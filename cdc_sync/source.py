@@ -39,7 +39,7 @@ from sqlalchemy.exc import DBAPIError, NoSuchTableError, SQLAlchemyError
 from sqlalchemy.sql.expression import Executable
 from sqlalchemy.types import UserDefinedType
 
-from cdc_sync.errors import SourceError
+from cdc_sync.errors import SourceError, first_line
 from cdc_sync.mapping import SourceRow
 from cdc_sync.rules import Position
 
@@ -300,7 +300,7 @@ class Source:
                     attempt=attempt,
                     delay_s=delay,
                     sqlstate=_sqlstate(exc),
-                    error=_first_line(exc),
+                    error=first_line(exc),
                 )
                 self._sleep(delay)
         raise AssertionError("unreachable")
@@ -336,7 +336,7 @@ class Source:
 
     def _failure(self, exc: SQLAlchemyError) -> SourceError:
         return SourceError(
-            f"reading the source {self._where()} failed: {_first_line(exc)}",
+            f"reading the source {self._where()} failed: {first_line(exc)}",
             "check source.url, that the server is up, and that the user may read the table",
         )
 
@@ -361,8 +361,3 @@ def retryable(exc: SQLAlchemyError) -> bool:
 
 def _sqlstate(exc: SQLAlchemyError) -> str | None:
     return getattr(getattr(exc, "orig", None), "sqlstate", None)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

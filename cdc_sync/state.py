@@ -39,7 +39,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.exc import SQLAlchemyError
 
-from cdc_sync.errors import StateError
+from cdc_sync.errors import StateError, first_line
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -517,7 +517,7 @@ class StateStore:
             yield
         except SQLAlchemyError as exc:
             raise StateError(
-                f"the tracking database {self._where()} failed: {_first_line(exc)}",
+                f"the tracking database {self._where()} failed: {first_line(exc)}",
                 "check state.url and that the database is reachable and migrated",
             ) from exc
 
@@ -552,8 +552,3 @@ def _json_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         return found
 
     return [{k: text(v) if isinstance(v, datetime) else v for k, v in row.items()} for row in rows]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc)
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
