@@ -115,6 +115,11 @@ class SourceSpec:
         return list(dict.fromkeys(names))
 
 
+def read_columns(table: Table, spec: SourceSpec) -> Select[Any]:
+    """``SELECT`` of ``spec.columns()``, in that order: every read's rows are built by position."""
+    return select(*(table.c[name] for name in spec.columns()))
+
+
 def page_query(
     table: Table, spec: SourceSpec, after: Position | None, start: Any, limit: int
 ) -> Select[Any]:
@@ -128,7 +133,7 @@ def page_query(
     read: no transaction that commits later can have a smaller id, so nothing lands behind.
     """
     cursor, key = table.c[spec.cursor], table.c[spec.key]
-    query = select(*(table.c[name] for name in spec.columns())).order_by(cursor, key).limit(limit)
+    query = read_columns(table, spec).order_by(cursor, key).limit(limit)
     if spec.gap_free:
         query = query.where(cursor < func.pg_snapshot_xmin(func.pg_current_snapshot()))
     if after is not None:
@@ -261,13 +266,13 @@ class Source:
         if not keys:
             return []
         column = self.table.c[self.spec.key]
-        query = select(*(self.table.c[n] for n in self.spec.columns())).where(column.in_(keys))
+        query = read_columns(self.table, self.spec).where(column.in_(keys))
         return self._read(query.order_by(column))
 
     def read_by_key(self, after: Any, limit: int) -> list[SourceRow]:
         """A page in key order after key ``after`` (None: from the start): the audit's sweep."""
         column = self.table.c[self.spec.key]
-        query = select(*(self.table.c[n] for n in self.spec.columns()))
+        query = read_columns(self.table, self.spec)
         if after is not None:
             query = query.where(column > after)
         return self._read(query.order_by(column).limit(limit))
