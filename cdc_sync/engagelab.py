@@ -188,6 +188,10 @@ class EngageLabClient:
 
     def submit(self, payloads: Sequence[Payload]) -> Future[list[ApiResult | None]]:
         """Start pushing a batch; its results come back in order, ``None`` for any not sent."""
+        if not payloads:  # an idle page: no trip through the loop thread
+            done: Future[list[ApiResult | None]] = Future()
+            done.set_result([])
+            return done
         return asyncio.run_coroutine_threadsafe(self._push_all(payloads), self._loop)
 
     def push_all(self, payloads: Sequence[Payload]) -> list[ApiResult | None]:

@@ -145,7 +145,6 @@ class Engine:
         outcome, error = "ok", None
         try:
             self.pusher.resume()
-            cycle.horizon = self.source.horizon()
             cycle.scan(stop)
             if self.settings.audit_rows and not stop.is_set():
                 cycle.audit(stop)
@@ -224,14 +223,15 @@ class _Cycle:
             start = lookback_start(self.watermark, e.settings.lookback)
         pending: _Batch | None = None  # the page whose pushes are in flight
         try:
+            self.horizon, rows = e.source.first_page(after, start, size)
             while True:
-                rows = e.source.read_page(after, start, size)
                 done, pending = pending, self.send(rows, retrying=False) if rows else None
                 if done is not None:
                     self.finish(done, retrying=False)
                 if not rows or len(rows) < size or stop.is_set():
                     break
                 after = Position(rows[-1].cursor, rows[-1].key)
+                rows = e.source.read_page(after, None, size)
             last, pending = pending, None
             if last is not None:
                 self.finish(last, retrying=False)

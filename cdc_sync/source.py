@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -18,19 +18,23 @@ from typing import Any
 import structlog
 from sqlalchemy import (
     Column,
+    ColumnElement,
     Dialect,
     Engine,
     MetaData,
     Select,
     Table,
     Text,
+    bindparam,
     cast,
     event,
     func,
     inspect,
-    literal,
+    literal_column,
+    null,
     select,
     text,
+    true,
     tuple_,
     type_coerce,
 )
@@ -121,13 +125,16 @@ def read_columns(table: Table, spec: SourceSpec) -> Select[Any]:
 
 
 def page_query(
-    table: Table, spec: SourceSpec, after: Position | None, start: Any, limit: int
+    table: Table, spec: SourceSpec, *, after: bool, start: bool, limit: int
 ) -> Select[Any]:
-    """One page: rows after ``after`` in (cursor, key) order, or from cursor ``start``.
+    """One page in (cursor, key) order: rows after a position, or from a cursor value.
 
-    ``after`` resumes within a cycle (strictly greater, row-value comparison so an index on
-    ``(cursor, key)`` serves it as one range scan). ``start`` opens a cycle at the watermark
-    minus the lookback (inclusive, since rows at that cursor may have committed late).
+    ``after`` resumes within a cycle, from the bound parameters ``after_cursor`` and
+    ``after_key`` (strictly greater, a row-value comparison, so an index on ``(cursor, key)``
+    serves it as one range scan). ``start`` opens a cycle at the watermark minus the lookback,
+    from the parameter ``start`` (inclusive, since rows at that cursor may have committed late).
+    Neither: from the top. Values are bound at execution, so a statement is built once and its
+    compiled form reused (see :func:`page_params`).
 
     In xid8 mode only rows written by transactions older than the oldest one still running are
     read: no transaction that commits later can have a smaller id, so nothing lands behind.
@@ -136,13 +143,24 @@ def page_query(
     query = read_columns(table, spec).order_by(cursor, key).limit(limit)
     if spec.gap_free:
         query = query.where(cursor < func.pg_snapshot_xmin(func.pg_current_snapshot()))
-    if after is not None:
-        # Bind with the columns' own types (tuple_ would guess from the Python values).
-        bound = tuple_(literal(after.cursor, cursor.type), literal(after.key, key.type))
+    if after:
+        # Typed like the columns (tuple_ would guess from the Python values).
+        bound = tuple_(
+            bindparam("after_cursor", type_=cursor.type), bindparam("after_key", type_=key.type)
+        )
         return query.where(tuple_(cursor, key) > bound)
-    if start is not None:
-        return query.where(cursor >= start)
+    if start:
+        return query.where(cursor >= bindparam("start", type_=cursor.type))
     return query
+
+
+def page_params(after: Position | None, start: Any) -> dict[str, Any]:
+    """The parameters of the :func:`page_query` shape that ``after`` and ``start`` call for."""
+    if after is not None:
+        return {"after_cursor": after.cursor, "after_key": after.key}
+    if start is not None:
+        return {"start": start}
+    return {}
 
 
 def lookback_start(watermark: Position | None, lookback: timedelta | int) -> Any:
@@ -174,6 +192,7 @@ class Source:
         self.spec = spec
         self._sleep = sleep
         self._table: Table | None = None
+        self._pages: dict[tuple[bool, bool, int, bool], Select[Any]] = {}
         # One statement, one implicit read-only transaction: no BEGIN/COMMIT round trips.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         if engine.dialect.name == "postgresql":
@@ -232,16 +251,20 @@ class Source:
         """The source's clock (as a cursor ceiling) and replica lag, in one short query."""
         if self.engine.dialect.name != "postgresql":
             return Horizon()
+        [row] = self._run(select(*self._horizon_columns()))
+        return Horizon(row[0], row[1])
+
+    def _horizon_columns(self) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
+        """The ceiling (NULL unless the cursor is a timestamp or date) and the replica lag."""
         cursor = self.table.c[self.spec.cursor]
-        temporal = _python_type(cursor) in (datetime, date)
-        ceiling = cast(func.now(), cursor.type) if temporal and not self.spec.gap_free else None
-        lag = text(
+        temporal = _python_type(cursor) in (datetime, date) and not self.spec.gap_free
+        ceiling = cast(func.now(), cursor.type) if temporal else null()
+        lag: ColumnElement[Any] = literal_column(
             "CASE WHEN NOT pg_is_in_recovery() THEN NULL"
             " WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0.0"
             " ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END"
         )
-        [row] = self._run(select(ceiling if ceiling is not None else text("NULL"), lag))
-        return Horizon(row[0], row[1])
+        return ceiling.label("ceiling"), lag.label("replica_lag")
 
     def longest_write_transaction(self) -> float | None:
         """Seconds the oldest write transaction running now has been open, on a primary.
@@ -259,7 +282,37 @@ class Source:
         return None if row[0] is None else float(row[0])
 
     def read_page(self, after: Position | None, start: Any, limit: int) -> list[SourceRow]:
-        return self._read(page_query(self.table, self.spec, after, start, limit))
+        """A page after ``after``, or from cursor ``start``, or from the top (see page_query)."""
+        query = self._page(after is not None, start is not None, limit, with_horizon=False)
+        return self._read(query, page_params(after, start))
+
+    def first_page(
+        self, after: Position | None, start: Any, limit: int
+    ) -> tuple[Horizon, list[SourceRow]]:
+        """A cycle's first page and the :class:`Horizon`, in one statement.
+
+        The page is joined to the horizon (``horizon LEFT JOIN LATERAL page``), so the horizon
+        comes back even when the page is empty: an idle poll is one round trip to the source.
+        """
+        if self.engine.dialect.name != "postgresql":
+            return Horizon(), self.read_page(after, start, limit)
+        query = self._page(after is not None, start is not None, limit, with_horizon=True)
+        rows = self._run(query, page_params(after, start))
+        horizon = Horizon(rows[0][0], rows[0][1])
+        found = [row[3:] for row in rows if row[2] is not None]
+        return horizon, self._rows(found)
+
+    def _page(self, after: bool, start: bool, limit: int, *, with_horizon: bool) -> Select[Any]:
+        """The page statement of this shape, built once: a reused statement skips SQLAlchemy's
+        construction and cache-key work, most of the client-side cost of a small page."""
+        shape = (after, start, limit, with_horizon)
+        query = self._pages.get(shape)
+        if query is None:
+            query = page_query(self.table, self.spec, after=after, start=start, limit=limit)
+            if with_horizon:
+                query = _with_horizon(query, self._horizon_columns(), self.spec)
+            self._pages[shape] = query
+        return query
 
     def read_keys(self, keys: Sequence[Any]) -> list[SourceRow]:
         """The current rows of these keys (those that still exist)."""
@@ -286,7 +339,7 @@ class Source:
             return uuid.UUID(text)
         return text
 
-    def _run(self, query: Executable) -> Sequence[Any]:
+    def _run(self, query: Executable, params: Mapping[str, Any] | None = None) -> Sequence[Any]:
         """Run one query (its own short read-only transaction), retrying what a replica throws.
 
         A recovery conflict or a dropped connection gets a fresh transaction on a fresh
@@ -295,7 +348,7 @@ class Source:
         for attempt in range(1, READ_ATTEMPTS + 1):
             try:
                 with self._autocommit.connect() as connection:
-                    return connection.execute(query).all()
+                    return connection.execute(query, params).all()
             except SQLAlchemyError as exc:
                 if attempt == READ_ATTEMPTS or not retryable(exc):
                     raise self._failure(exc) from exc
@@ -310,15 +363,19 @@ class Source:
                 self._sleep(delay)
         raise AssertionError("unreachable")
 
-    def _read(self, query: Select[Any]) -> list[SourceRow]:
-        """Run a query over ``spec.columns()`` and build its rows (by position: a hot loop)."""
+    def _read(self, query: Select[Any], params: Mapping[str, Any] | None = None) -> list[SourceRow]:
+        """Run a query over ``spec.columns()`` and build its rows."""
+        return self._rows(self._run(query, params))
+
+    def _rows(self, rows: Iterable[Sequence[Any]]) -> list[SourceRow]:
+        """Rows of ``spec.columns()`` as SourceRows (by position: a hot loop)."""
         spec = self.spec
         at = {name: index for index, name in enumerate(spec.columns())}
         key, cursor, euid = at[spec.key], at[spec.cursor], at[spec.euid]
         contacts = [(k, at[column]) for k, column in spec.contacts.items()]
         return [
             SourceRow(row[key], row[cursor], row[euid], {k: row[i] for k, i in contacts})
-            for row in self._run(query)
+            for row in rows
         ]
 
     # -- what `cdc-sync check` reports ------------------------------------------------------
@@ -347,6 +404,23 @@ class Source:
 
     def _where(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
+
+
+def _with_horizon(
+    page: Select[Any], horizon: tuple[ColumnElement[Any], ColumnElement[Any]], spec: SourceSpec
+) -> Select[Any]:
+    """``SELECT ceiling, replica_lag, found, <page columns> FROM (SELECT <horizon>) LEFT JOIN
+    LATERAL (<page>) ON true ORDER BY cursor, key``: one row of NULLs after the horizon when the
+    page is empty, told apart by ``found``. The outer ORDER BY is what guarantees the order (a
+    join promises none); on a page already in order it is a cheap sort of at most a page."""
+    clock = select(*horizon).subquery("horizon")
+    rows = page.add_columns(literal_column("true").label("cdc_sync_found")).lateral("page")
+    names = spec.columns()
+    return (
+        select(*clock.c, rows.c.cdc_sync_found, *(rows.c[name] for name in names))
+        .select_from(clock.outerjoin(rows, true()))
+        .order_by(rows.c[spec.cursor], rows.c[spec.key])
+    )
 
 
 def _python_type(column: Column[Any]) -> type | None:

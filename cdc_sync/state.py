@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
-    ColumnElement,
     Connection,
     DateTime,
     Engine,
@@ -145,6 +144,7 @@ class StateStore:
         if dialect not in ("sqlite", "postgresql"):
             raise StateError(f"the tracking database must be SQLite or PostgreSQL, not {dialect}")
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self._records_query = _records_query(dialect)
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -184,11 +184,7 @@ class StateStore:
 
     def watermark(self) -> Position | None:
         with self._connect() as connection:
-            row = connection.execute(
-                select(sync_state.c.cursor_value, sync_state.c.key_value).where(
-                    sync_state.c.sync_name == self.sync_name
-                )
-            ).first()
+            row = connection.execute(_WATERMARK, {"sync": self.sync_name}).first()
         if row is None or row.cursor_value is None:
             return None
         return Position(decode_value(row.cursor_value), decode_value(row.key_value))
@@ -197,23 +193,14 @@ class StateStore:
         """The status rows of ``keys``, in one query."""
         if not keys:
             return {}
-        c = sync_status.c
-        query = select(
-            c.source_key, c.status, c.pushed_hash, c.attempted_hash, c.attempts, c.next_attempt_at
-        ).where(c.sync_name == self.sync_name, self._key_in(keys))
+        params = {"sync": self.sync_name, "keys": list(keys)}
         with self._connect() as connection:
             return {
                 key: Record(Status(status), pushed, attempted, attempts, next_at)
-                for key, status, pushed, attempted, attempts, next_at in connection.execute(query)
+                for key, status, pushed, attempted, attempts, next_at in connection.execute(
+                    self._records_query, params
+                )
             }
-
-    def _key_in(self, keys: Sequence[str]) -> ColumnElement[bool]:
-        """``source_key`` among ``keys``: one array parameter on PostgreSQL, where a thousand
-        separate ones cost more to send and parse than the lookup itself."""
-        column = sync_status.c.source_key
-        if self.engine.dialect.name == "postgresql":
-            return column == any_(bindparam("keys", list(keys), type_=ARRAY(String)))
-        return column.in_(keys)
 
     def earliest_retry(self) -> datetime | None:
         """When the next retrying user falls due (None: nobody is retrying)."""
@@ -332,16 +319,14 @@ class StateStore:
             connection.execute(sync_state.delete().where(sync_state.c.sync_name == self.sync_name))
 
     def start_run(self, now: datetime, watermark: Position | None) -> int:
+        row = {
+            "sync_name": self.sync_name,
+            "started_at": now,
+            "outcome": "running",
+            "watermark_before": describe(watermark),
+        }
         with self._connect() as connection:  # one statement: atomic by itself
-            result = connection.execute(
-                insert(sync_runs).values(
-                    sync_name=self.sync_name,
-                    started_at=now,
-                    outcome="running",
-                    watermark_before=describe(watermark),
-                )
-            )
-            run_id = result.inserted_primary_key
+            run_id = connection.execute(_START_RUN, row).inserted_primary_key
             assert run_id is not None
             return int(run_id[0])
 
@@ -355,19 +340,17 @@ class StateStore:
         error: str | None = None,
         replica_lag: float | None = None,
     ) -> None:
+        values = {
+            "run": run_id,
+            "finished_at": now,
+            "outcome": outcome,
+            "watermark_after": describe(watermark),
+            "error": error,
+            "replica_lag_s": replica_lag,
+            **counts.as_dict(),
+        }
         with self._connect() as connection:  # one statement: atomic by itself
-            connection.execute(
-                update(sync_runs)
-                .where(sync_runs.c.id == run_id)
-                .values(
-                    finished_at=now,
-                    outcome=outcome,
-                    watermark_after=describe(watermark),
-                    error=error,
-                    replica_lag_s=replica_lag,
-                    **counts.as_dict(),
-                )
-            )
+            connection.execute(_FINISH_RUN, values)
 
     def close_abandoned_runs(self, now: datetime) -> int:
         """Mark runs left ``running`` by a process that died (SIGKILL, power loss) ``abandoned``.
@@ -523,6 +506,28 @@ class StateStore:
 
     def _where(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
+
+
+# The statements of every cycle, built once: SQLAlchemy then skips construction and cache-key
+# work, which on an idle poll cost more than the round trips. Values are bound at execution.
+_WATERMARK = select(sync_state.c.cursor_value, sync_state.c.key_value).where(
+    sync_state.c.sync_name == bindparam("sync")
+)
+_START_RUN = insert(sync_runs)  # the columns are those of the row executed with
+_FINISH_RUN = update(sync_runs).where(sync_runs.c.id == bindparam("run"))  # SET: the other keys
+
+
+def _records_query(dialect: str) -> Select[Any]:
+    """The status rows of a page's keys. On PostgreSQL the keys are one array parameter: a
+    thousand separate ones cost more to send and parse than the lookup itself."""
+    c = sync_status.c
+    if dialect == "postgresql":
+        among = c.source_key == any_(bindparam("keys", type_=ARRAY(String)))
+    else:
+        among = c.source_key.in_(bindparam("keys", expanding=True))
+    return select(
+        c.source_key, c.status, c.pushed_hash, c.attempted_hash, c.attempts, c.next_attempt_at
+    ).where(c.sync_name == bindparam("sync"), among)
 
 
 def _recordset() -> Select[Any]:

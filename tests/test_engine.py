@@ -341,6 +341,24 @@ def test_an_idle_cycle_asks_the_tracking_database_little(world: World) -> None:
     assert seen == ["INSERT", "SELECT", "UPDATE"]
 
 
+def test_an_idle_cycle_reads_the_source_once(world: World) -> None:
+    """The source's clock and replay lag come with the first page: one statement a cycle."""
+    engine = world.engine()
+    world.users.add_users(range(1, 4))
+    engine.run_cycle()
+    seen: list[str] = []
+    event.listen(
+        world.source_engine,
+        "before_cursor_execute",
+        lambda _c, _cur, statement, *_: seen.append(statement.split()[0].upper()),
+    )
+
+    idle = engine.run_cycle()
+
+    assert (idle.counts.rows_read, idle.counts.unchanged) == (3, 3)  # the lookback window
+    assert seen == ["SELECT"]
+
+
 def test_a_long_running_engine_still_retries_when_due(world: World) -> None:
     """Knowing the retry queue in memory never delays a retry past its time, nor makes one early."""
     world.lookback = timedelta(0)  # only the retry queue can send user 2 again

@@ -64,6 +64,35 @@ def test_start_reads_from_a_cursor_value_inclusive(users: UserDb) -> None:
     assert [r.key for r in rows] == [2, 3]
 
 
+def test_first_page_is_read_page_with_the_horizon(users: UserDb) -> None:
+    """A cycle's first page is the same page, in the same order, as a plain read of it."""
+    users.add_users(range(1, 9), updated_at=STAMP)
+    users.add_users(range(9, 13), updated_at=STAMP - timedelta(seconds=1))
+    source = source_for(users)
+
+    for start in (None, STAMP):
+        _, rows = source.first_page(None, start, 10)
+        assert rows == source.read_page(None, start, 10)
+    _, rows = source.first_page(Position(STAMP, 3), None, 10)
+    assert [r.key for r in rows] == [4, 5, 6, 7, 8]
+
+
+def test_first_page_brings_the_source_clock_even_when_empty(pg_database: str) -> None:
+    """The horizon comes with an empty page too: the source's clock as the ceiling, and no
+    replay lag on a primary."""
+    db = UserDb(pg_database)
+    db.add_users([1], updated_at=STAMP)
+    source = source_for(db)
+
+    horizon, rows = source.first_page(None, STAMP + timedelta(days=1), 10)
+
+    assert rows == []
+    assert abs(horizon.ceiling - datetime.now(UTC)) < timedelta(minutes=1)
+    assert horizon.replica_lag is None
+    assert horizon.ceiling <= source.horizon().ceiling
+    db.dispose()
+
+
 def test_rows_carry_raw_values_by_contact_key(users: UserDb) -> None:
     """A row maps contact keys to the raw column values, NULLs included."""
     users.insert(
