@@ -224,7 +224,10 @@ class EngageLabClient:
     async def push(self, payload: Payload) -> ApiResult:
         """One request; transport failures become TRANSIENT results, never exceptions."""
         body = json.dumps(payload.body(), separators=(",", ":"), ensure_ascii=False).encode()
-        request = httpx.Request("POST", self._url, headers=self._headers, content=body)
+        # stream=: no Host or Content-Length headers derived in Python, the transport adds them.
+        request = httpx.Request(
+            "POST", self._url, headers=self._headers, stream=httpx.ByteStream(body)
+        )
         try:
             response = await self._transport.handle_async_request(request)
             content = await response.aread()

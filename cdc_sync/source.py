@@ -224,7 +224,15 @@ class Source:
     def _reflect(self) -> Table:
         spec = self.spec
         try:
-            table = Table(spec.table, MetaData(), schema=spec.schema, autoload_with=self.engine)
+            # Columns only: reflecting the whole table (keys, indexes, constraints, comments)
+            # is several catalog queries more, on every start.
+            columns = inspect(self.engine).get_columns(spec.table, schema=spec.schema)
+            table = Table(
+                spec.table,
+                MetaData(),
+                *(Column(c["name"], c["type"]) for c in columns),
+                schema=spec.schema,
+            )
         except NoSuchTableError:
             raise SourceError(
                 f"the source table {spec.qualified_table} does not exist in {self._where()}",

@@ -49,7 +49,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 request.method,
                 str(request.url),
                 headers=request.headers.multi_items(),
-                data=request.content or None,
+                data=await request.aread() or None,
                 allow_redirects=False,
             ) as answer:
                 body = await answer.read()
