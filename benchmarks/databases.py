@@ -70,19 +70,25 @@ class Databases:
             )
         return url
 
-    def add_users(self, url: str, rows: int, ids: range) -> None:
-        """Insert users ``ids`` of a ``rows``-user table made by :meth:`users`, then analyze."""
-        insert = sql.SQL(
-            """
-            INSERT INTO users (id, name, email, engagelab_euid, updated_at)
-            SELECT i, 'user ' || i, 'user' || i || '@example.com', 1000 + i,
-                   {anchor} - ({rows} - i) * {spacing} * interval '1 second'
-            FROM generate_series({first}, {last}) AS i
-            """
-        ).format(
+    def add_users(self, url: str, rows: int, ids: range, *, now: bool = False) -> None:
+        """Insert users ``ids`` of a ``rows``-user table made by :meth:`users`, then analyze.
+
+        ``now``: stamped with the server's clock instead, as an application writing them now
+        (changes a running daemon will find after its watermark).
+        """
+        stamp = sql.SQL("{anchor} - ({rows} - i) * {spacing} * interval '1 second'").format(
             anchor=sql.Literal(self._anchors[url]),
             rows=sql.Literal(rows),
             spacing=sql.Literal(ROW_SPACING_S),
+        )
+        insert = sql.SQL(
+            """
+            INSERT INTO users (id, name, email, engagelab_euid, updated_at)
+            SELECT i, 'user ' || i, 'user' || i || '@example.com', 1000 + i, {stamp}
+            FROM generate_series({first}, {last}) AS i
+            """
+        ).format(
+            stamp=sql.SQL("now()") if now else stamp,
             first=sql.Literal(ids.start),
             last=sql.Literal(ids.stop - 1),
         )

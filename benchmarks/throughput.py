@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable
 
-from databases import recent_runs
+from databases import recent_runs, run_count, status_counts
 from harness import Bench, progress
-from processes import API_KEY, API_SECRET, REPO, Emulator, ProcessRun, cpu_seconds, run_measured
+from processes import (
+    API_KEY,
+    API_SECRET,
+    REPO,
+    Daemon,
+    Emulator,
+    ProcessRun,
+    cpu_seconds,
+    run_measured,
+)
 from report import INFO, Measurement, Row, median, verdict
 
 RATIO_TARGET = 0.85
@@ -58,6 +69,58 @@ def _end_to_end(bench: Bench, emulator: Emulator, rows: int) -> dict[str, float]
     }
 
 
+def _until(done: Callable[[], bool], daemon: Daemon, seconds: float, what: str) -> None:
+    """Poll ``done`` (5 times a second) until it holds; RuntimeError if the daemon died or
+    ``seconds`` passed."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if not daemon.running():
+            raise RuntimeError(f"`cdc-sync run` exited while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {what} within {seconds:g} s")
+        time.sleep(0.2)
+
+
+def _daemon_batches(bench: Bench, emulator: Emulator, rows: int, batches: int) -> list[float]:
+    """CPU seconds one long-running `cdc-sync run` spends on each of ``batches`` backlogs.
+
+    The daemon starts on an empty table and runs its first (idle) cycle; then, ``batches``
+    times, ``rows`` users are inserted stamped now and the daemon's CPU (/proc/PID/stat) is
+    read before the insert and once the status table holds them all as synced. Start-up is
+    outside every batch; the idle cycles while it waits are inside.
+    """
+    o = bench.options
+    sync = bench.sync(
+        0,
+        emulator.url,
+        source={"batch_size": o.batch_size},
+        engagelab={"concurrency": o.concurrency, "rate_limit": None},
+    )
+    emulator.reset()
+    spent = []
+    with Daemon(sync.config, bench.path("daemon-b")) as daemon:
+        pid = daemon.process.pid
+        _until(lambda: run_count(sync.state_url) >= 1, daemon, 60, "first cycle")
+        for batch in range(batches):
+            ids = range(batch * rows + 1, (batch + 1) * rows + 1)
+            before = cpu_seconds(pid)
+            bench.dbs.add_users(sync.source_url, rows, ids, now=True)
+            total = ids.stop - 1
+            _until(
+                lambda: status_counts(sync.state_url).get("synced", 0) >= total,  # noqa: B023 - waited on here
+                daemon,
+                60 + rows / 100,
+                f"sync of batch {batch + 1} ({rows} users)",
+            )
+            spent.append(cpu_seconds(pid) - before)
+            progress(f"(b) daemon batch {batch + 1}/{batches}: {spent[-1]:.2f} s CPU")
+        daemon.stop()
+    accepted = emulator.stats()["accepted"]
+    if accepted != rows * batches:
+        raise RuntimeError(f"the emulator accepted {accepted} of {rows * batches} users")
+    return spent
+
+
 def _idle(bench: Bench, emulator: Emulator, times: int) -> list[ProcessRun]:
     """`once` over an empty users table: the process's fixed cost (start, connect, reflect)."""
     sync = bench.sync(0, emulator.url)
@@ -82,6 +145,8 @@ def measure_throughput(bench: Bench) -> Measurement:
                 f"(a) run {attempt}: bare {bare[-1]['rate']:.0f} rows/s, "
                 f"end-to-end {n / e2e[-1]['cycle']:.0f} rows/s (cycle {e2e[-1]['cycle']:.1f} s)"
             )
+        progress(f"(b) `cdc-sync run`, {o.repeat} backlogs of {n} users")
+        daemon = _daemon_batches(bench, emulator, n, o.repeat)
 
     startup_wall = median([r.wall for r in idle])
     startup_cpu = median([r.cpu for r in idle])
@@ -95,6 +160,7 @@ def measure_throughput(bench: Bench) -> Measurement:
     ceiling = concurrency / latency if latency > 0 else None
     cpu_ms = cpu / n * 1000
     marginal_ms = (cpu - startup_cpu) / n * 1000
+    daemon_ms = median(daemon) / n * 1000
     setting = f"N={n}, L={latency * 1000:g} ms, C={concurrency}"
     out.rows += [
         Row("a", f"end-to-end rows/s, engine cycle time ({setting})", f"{e2e_rate:.0f}", e2e_rate),
@@ -132,11 +198,18 @@ def measure_throughput(bench: Bench) -> Measurement:
         ),
         Row(
             "b",
-            "daemon CPU per pushed row, whole `once` process (user+sys)",
+            f"daemon CPU per pushed row, running `cdc-sync run`, {n} users (user+sys)",
+            f"{daemon_ms:.2f} ms ({median(daemon):.2f} s for {n})",
+            daemon_ms,
+            f"≤ {CPU_TARGET_MS} ms",
+            verdict(daemon_ms <= CPU_TARGET_MS),
+        ),
+        Row(
+            "b",
+            "CPU per pushed row, whole `once` process, start-up included",
             f"{cpu_ms:.2f} ms ({cpu:.2f} s for {n})",
             cpu_ms,
-            f"≤ {CPU_TARGET_MS} ms",
-            verdict(cpu_ms <= CPU_TARGET_MS),
+            result=INFO,
         ),
         Row(
             "b",
@@ -164,9 +237,14 @@ def measure_throughput(bench: Bench) -> Measurement:
         "times, so the two wall-clock variants are given beside it. The bare loop "
         "(benchmarks/bare.py, aiohttp, its own process) times its first request to its last "
         "answer. The ratio uses the cycle-time rate.",
-        "CPU is the `once` child's ru_utime + ru_stime from os.wait4, which includes interpreter "
-        "start and imports (the idle `once` row shows how much); the target is judged on the "
-        "whole process.",
+        "(b) is judged on the daemon: one `cdc-sync run` (interval 1s, same settings and "
+        f"emulator) started on an empty table, then given {o.repeat} backlogs of {n} users "
+        "inserted stamped now; its user + system CPU from /proc/PID/stat, read before each "
+        "insert and once all of that backlog is synced (the idle cycles while it waits "
+        "included), median over the backlogs. A daemon starts once; the `once` rows show "
+        "what a process start adds: `once` CPU is the child's ru_utime + ru_stime from "
+        "os.wait4, interpreter start, imports, config, connections and reflection included "
+        "(the idle `once` row shows how much).",
     ]
     out.details = {
         "rows": n,
@@ -176,5 +254,6 @@ def measure_throughput(bench: Bench) -> Measurement:
         "idle_once": [{"wall": r.wall, "cpu": r.cpu, "maxrss_kib": r.maxrss_kib} for r in idle],
         "bare": bare,
         "end_to_end": e2e,
+        "daemon_batch_cpu_s": daemon,
     }
     return out
