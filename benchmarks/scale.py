@@ -25,9 +25,16 @@ RSS_GROWTH_TARGET = 1.20
 IDLE_TARGET_MS = 5.0
 LOOKBACK = timedelta(minutes=5)
 SEED_ROWS = 1000  # rows synced through `once` when (d) builds its own table
+# The first page of a cycle as cdc-sync sends it (cdc_sync.source.first_page): the page joined
+# to the source's clock and replay lag, so that an idle poll is one statement.
 PAGE_QUERY = (
-    "SELECT id, updated_at, engagelab_euid, email, mobile, landline, whatsapp FROM users "
-    "WHERE updated_at >= {start} ORDER BY updated_at, id LIMIT {limit}"
+    "SELECT horizon.ceiling, horizon.replica_lag, page.* FROM (SELECT now() AS ceiling, "
+    "CASE WHEN NOT pg_is_in_recovery() THEN NULL WHEN pg_last_wal_receive_lsn() = "
+    "pg_last_wal_replay_lsn() THEN 0.0 ELSE extract(epoch FROM now() - "
+    "pg_last_xact_replay_timestamp())::float8 END AS replica_lag) AS horizon "
+    "LEFT JOIN LATERAL (SELECT id, updated_at, engagelab_euid, email, mobile, landline, "
+    "whatsapp, true AS found FROM users WHERE updated_at >= {start} ORDER BY updated_at, id "
+    "LIMIT {limit}) AS page ON true ORDER BY page.updated_at, page.id"
 )
 
 
@@ -233,11 +240,14 @@ def _explain(bench: Bench, sync: Sync) -> tuple[str, dict[str, Any], str]:
 
 
 def _scan_of(plan: dict[str, Any]) -> dict[str, Any]:
-    """The node that reads the table: the first below Limit (and any Sort)."""
-    node = plan["Plan"]
-    while node.get("Node Type") in ("Limit", "Sort", "Incremental Sort") and node.get("Plans"):
-        node = node["Plans"][0]
-    return dict(node)
+    """The node that reads the users table (the first, depth first, whose relation it is)."""
+    nodes = [plan["Plan"]]
+    while nodes:
+        node = nodes.pop(0)
+        if node.get("Relation Name") == "users":
+            return dict(node)
+        nodes[:0] = node.get("Plans", [])
+    return {}
 
 
 def _warm_rows(cycles: list[RunRow]) -> list[Row]:
@@ -304,16 +314,13 @@ def measure_idle(bench: Bench) -> Measurement:
     shown_plan = f"{kind}" + (f" using {index}" if index else "")
     shown_plan += f"; {plan['Execution Time']:.2f} ms"
     out.rows += [
+        *_warm_rows(warm),
         Row(
             "d",
-            f"idle cycle on {rows:,} rows, median of {o.idle_runs} (engine-recorded)",
-            f"{med:.1f} ms",
+            f"first cycle of a fresh `once` on {rows:,} rows, idle, median of {o.idle_runs}",
+            f"{med:.1f} ms (p95 {p95:.1f} ms)",
             med,
-            f"≤ {IDLE_TARGET_MS:g} ms",
-            verdict(med <= IDLE_TARGET_MS),
         ),
-        Row("d", "idle cycle, p95 (nearest rank)", f"{p95:.1f} ms", p95),
-        *_warm_rows(warm),
         Row(
             "d",
             "idle `once` process wall, median (startup included)",
@@ -335,9 +342,10 @@ def measure_idle(bench: Bench) -> Measurement:
         f"(rows read per cycle: {sorted({c.rows_read for c in cycles})}). Cycle time is "
         "finished_at - started_at from cdc_sync_runs, as the engine records it: the page "
         "queries, the status lookup, the due-retry query and the commit, without process "
-        "startup. Each `once` cycle is the first of its process, so it also compiles its SQL "
-        "statements and fills connection pools; the `cdc-sync run` row is the steady state: "
-        "one daemon (interval 1s) left to run K + 1 cycles, the first dropped. "
+        "startup. The target is judged on the daemon, whose idle poll this is: one "
+        "`cdc-sync run` (interval 1s) left to run K + 1 cycles, the first dropped. Each `once` "
+        "cycle is the first of its process, which also compiles its SQL statements (SQLAlchemy "
+        "caches them per process) and fills connection pools: a cost a daemon pays once. "
         "The plan is of the first page query of an idle cycle, with the start "
         f"(watermark - lookback = {start}) inlined as a literal."
     )

@@ -107,11 +107,12 @@ class Engine:
 
     def begin_tenure(self) -> None:
         """The lock was (re)acquired: another instance may have run meanwhile, so what this
-        engine remembers (watermark, retry queue, whether killed runs were tidied) is dropped
-        and read again on the next cycle."""
+        engine remembers (watermark, retry queue, whether killed runs were tidied, the status
+        rows the state store keeps) is dropped and read again on the next cycle."""
         self._started = False
         self._watermark_known = False
         self._due_known = False
+        self.state.forget()
 
     def note_retry(self, when: datetime | None) -> None:
         """A user was (re)scheduled for a retry at ``when``."""

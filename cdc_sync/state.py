@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
 
 # The newest migration in migrations/versions (a test holds it to alembic's own view).
 SCHEMA_HEAD = "0002"
+
+REMEMBERED_RECORDS = 10_000  # status rows StateStore.records keeps in memory, at most
 
 
 def migrations_dir() -> Path:
@@ -150,6 +153,8 @@ class StateStore:
             raise StateError(f"the tracking database must be SQLite or PostgreSQL, not {dialect}")
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         self._records_query = _records_query(dialect)
+        # Status rows read lately (None: no row), by key, least recently used first.
+        self._known: OrderedDict[str, Record | None] = OrderedDict()
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -205,17 +210,42 @@ class StateStore:
         return Position(decode_value(row.cursor_value), decode_value(row.key_value))
 
     def records(self, keys: Sequence[str]) -> dict[str, Record]:
-        """The status rows of ``keys``, in one query."""
-        if not keys:
-            return {}
-        params = {"sync": self.sync_name, "keys": list(keys)}
+        """The status rows of ``keys``: those read lately from memory, the rest in one query.
+
+        An idle cycle re-reads the users in its lookback window, whose rows have not changed
+        since the last cycle read them, so those come from memory. What is remembered was read
+        from the database and is dropped when this store writes that user; :meth:`forget` drops
+        everything, for when another process may have written (a new tenure of the lock).
+        """
+        found: dict[str, Record] = {}
+        missing = []
+        for key in keys:
+            if key in self._known:
+                self._known.move_to_end(key)
+                record = self._known[key]
+                if record is not None:
+                    found[key] = record
+            else:
+                missing.append(key)
+        if not missing:
+            return found
+        params = {"sync": self.sync_name, "keys": missing}
         with self._connect() as connection:
-            return {
+            read = {
                 key: Record(Status(status), pushed, attempted, attempts, next_at)
                 for key, status, pushed, attempted, attempts, next_at in connection.execute(
                     self._records_query, params
                 )
             }
+        for key in missing:
+            self._known[key] = read.get(key)
+        while len(self._known) > REMEMBERED_RECORDS:
+            self._known.popitem(last=False)
+        return found | read
+
+    def forget(self) -> None:
+        """Drop the status rows remembered by :meth:`records`: read them again when next asked."""
+        self._known.clear()
 
     def earliest_retry(self) -> datetime | None:
         """When the next retrying user falls due (None: nobody is retrying)."""
@@ -270,6 +300,8 @@ class StateStore:
         """
         if not rows:
             return
+        for row in rows:
+            self._known.pop(row["source_key"], None)
         if self.engine.dialect.name == "postgresql":
             document = json.dumps(_json_rows(rows), separators=(",", ":"))
             connection.execute(self._upsert_statement(_recordset()), {"rows": document})

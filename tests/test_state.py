@@ -117,6 +117,25 @@ def test_problems_list_failed_before_retrying_before_skipped(store: StateStore) 
     assert store.counts_by_status() == {"synced": 1, "retrying": 1, "failed": 1, "skipped": 1}
 
 
+def test_remembered_records_follow_this_stores_writes(store: StateStore) -> None:
+    """Status rows are remembered once read, dropped when this store writes them, and all
+    dropped by forget(): a write by another process is seen only after forget()."""
+    store.commit_page([upd("a", Status.RETRYING)], None, NOW)
+    assert store.records(["a", "b"])["a"].status is Status.RETRYING
+    store.commit_page([upd("a"), upd("b")], None, NOW)
+    assert {k: r.status for k, r in store.records(["a", "b"]).items()} == {
+        "a": Status.SYNCED,
+        "b": Status.SYNCED,
+    }
+
+    other = StateStore(store.engine, store.sync_name)
+    other.commit_page([upd("a", Status.FAILED)], None, NOW)
+    before = store.records(["a"])["a"].status
+    store.forget()
+
+    assert (before, store.records(["a"])["a"].status) == (Status.SYNCED, Status.FAILED)
+
+
 def test_unmigrated_database_names_the_fix(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A tracking database without tables is refused with the command that fixes it."""
     store = StateStore(state_engine(f"sqlite:///{tmp_path}/empty.db"), "users")
