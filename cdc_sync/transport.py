@@ -38,7 +38,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             connector=connector,
             timeout=self._timeout,
             auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
