@@ -9,6 +9,7 @@ wrong.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -150,9 +151,17 @@ def cmd_migrate(app: App, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_once(app: App, args: argparse.Namespace) -> int:
+def ready(app: App) -> None:
+    """Check the tracking tables and the source table before any cycle; then leave what start-up
+    built (modules, table metadata, compiled regexes) out of the garbage collector's full
+    passes, each of which would otherwise walk it again (about 60 ms)."""
     app.state.require_schema()
     app.source.open()
+    gc.freeze()
+
+
+def cmd_once(app: App, args: argparse.Namespace) -> int:
+    ready(app)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -168,8 +177,7 @@ def cmd_once(app: App, args: argparse.Namespace) -> int:
 
 
 def cmd_run(app: App, args: argparse.Namespace) -> int:
-    app.state.require_schema()
-    app.source.open()
+    ready(app)
     from cdc_sync.scheduler import Daemon  # APScheduler is only needed here
 
     lock = InstanceLock(app.state.engine, app.settings.name)
