@@ -551,6 +551,14 @@ async def _start_site(emulator: Emulator, host: str, port: int) -> tuple[web.App
     return runner, _url(host, runner.addresses[0][1])
 
 
+async def _cancel_pending() -> None:
+    """Cancel every other task of the running loop and wait for them to end."""
+    pending = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
 class EmulatorServer:
     """Runs an :class:`Emulator` on its own event loop in a background thread.
 
@@ -607,6 +615,9 @@ class EmulatorServer:
             loop.run_forever()
         finally:
             loop.run_until_complete(runner.cleanup())
+            # A handler still sleeping out its latency after the shutdown timeout (its client
+            # gave up) is cancelled and awaited, not destroyed pending with the loop.
+            loop.run_until_complete(_cancel_pending())
             loop.close()
 
     def stop(self) -> None:
