@@ -351,11 +351,12 @@ class StateStore:
         }
 
     def _store_watermark(self, connection: Connection, position: Position, now: datetime) -> None:
-        values = {
-            "cursor_value": encode_value(position.cursor),
-            "key_value": encode_value(position.key),
-            "updated_at": now,
-        }
+        cursor, key = encode_value(position.cursor), encode_value(position.key)
+        self._store_state(connection, now, cursor_value=cursor, key_value=key)
+
+    def _store_state(self, connection: Connection, now: datetime, **values: Any) -> None:
+        """Set these columns of this sync's row in ``cdc_sync_state``, creating it if need be."""
+        values["updated_at"] = now
         stmt = self._insert(sync_state).values(sync_name=self.sync_name, **values)
         connection.execute(
             stmt.on_conflict_do_update(index_elements=[sync_state.c.sync_name], set_=values)
@@ -462,15 +463,7 @@ class StateStore:
                 ]
                 self._upsert_status(connection, rows)
             encoded = None if audit_key is None else encode_value(audit_key)
-            stmt = self._insert(sync_state).values(
-                sync_name=self.sync_name, audit_key=encoded, updated_at=now
-            )
-            connection.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=[sync_state.c.sync_name],
-                    set_={"audit_key": encoded, "updated_at": now},
-                )
-            )
+            self._store_state(connection, now, audit_key=encoded)
 
     # -- operator views -------------------------------------------------------------------
 
