@@ -362,10 +362,6 @@ class StateStore:
             stmt.on_conflict_do_update(index_elements=[sync_state.c.sync_name], set_=values)
         )
 
-    def reset_watermark(self) -> None:
-        with self._connect() as connection:  # one statement: atomic by itself
-            connection.execute(sync_state.delete().where(sync_state.c.sync_name == self.sync_name))
-
     def start_run(self, now: datetime, watermark: Position | None) -> int:
         row = {
             "sync_name": self.sync_name,
