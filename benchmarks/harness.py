@@ -95,6 +95,24 @@ class Bench:
         """Load ``rows`` users, make and migrate a tracking database, write a config."""
         return self.sync_on(self.dbs.users(rows), rows, api_url, **overrides)
 
+    def pushing(
+        self,
+        rows: int,
+        api_url: str,
+        rate_limit: float | None = None,
+        **overrides: Mapping[str, Any],
+    ) -> Sync:
+        """:meth:`sync` with the run's ``--batch-size`` and ``--concurrency``, and ``rate_limit``
+        (None: unpaced)."""
+        o = self.options
+        return self.sync(
+            rows,
+            api_url,
+            source={"batch_size": o.batch_size},
+            engagelab={"concurrency": o.concurrency, "rate_limit": rate_limit},
+            **overrides,
+        )
+
     def sync_on(
         self, source_url: str, rows: int, api_url: str, **overrides: Mapping[str, Any]
     ) -> Sync:

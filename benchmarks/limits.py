@@ -35,12 +35,7 @@ def measure_rate(bench: Bench) -> Measurement:
     n = o.rate_rows or int(10 * rate)
     out = Measurement()
     with Recorder(bench.path("recorder.log"), latency) as recorder:
-        sync = bench.sync(
-            n,
-            recorder.url,
-            source={"batch_size": o.batch_size},
-            engagelab={"concurrency": o.concurrency, "rate_limit": rate},
-        )
+        sync = bench.pushing(n, recorder.url, rate_limit=rate)
         progress(f"(e) `cdc-sync once`, {n} users, rate_limit {rate}/s")
         run = bench.once(sync)
         arrivals = recorder.arrivals()
@@ -117,13 +112,7 @@ def measure_throttle(bench: Bench) -> Measurement:
         throttle_rps=throttle,
         retry_after=o.retry_after,
     ) as emulator:
-        sync = bench.sync(
-            n,
-            emulator.url,
-            source={"batch_size": o.batch_size},
-            engagelab={"concurrency": o.concurrency, "rate_limit": None},
-            schedule={"interval": "1s"},
-        )
+        sync = bench.pushing(n, emulator.url, schedule={"interval": "1s"})
         progress(
             f"(f) `cdc-sync run` until {n} users are synced or {deadline:g} s pass "
             f"(throttle {throttle:g}/s, Retry-After {o.retry_after})"

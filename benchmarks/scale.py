@@ -46,12 +46,7 @@ def _sync_backlog(bench: Bench, emulator: Emulator, rows: int) -> dict[str, Any]
     """Push a backlog of ``rows`` users with `once`; stop it at the deadline if one is set."""
     o = bench.options
     progress(f"(c) loading {rows:,} users")
-    sync = bench.sync(
-        rows,
-        emulator.url,
-        source={"batch_size": o.batch_size},
-        engagelab={"concurrency": o.concurrency, "rate_limit": None},
-    )
+    sync = bench.pushing(rows, emulator.url)
     emulator.reset()
     deadline = o.sync_deadline or None
     progress(

@@ -39,13 +39,7 @@ def _bare(bench: Bench, emulator: Emulator, rows: int, concurrency: int) -> dict
 
 def _end_to_end(bench: Bench, emulator: Emulator, rows: int) -> dict[str, float]:
     """One `cdc-sync once` over a fresh backlog of ``rows`` users."""
-    o = bench.options
-    sync = bench.sync(
-        rows,
-        emulator.url,
-        source={"batch_size": o.batch_size},
-        engagelab={"concurrency": o.concurrency, "rate_limit": None},
-    )
+    sync = bench.pushing(rows, emulator.url)
     emulator.reset()
     emulator_cpu = cpu_seconds(emulator.pid)
     run = bench.once(sync)
@@ -89,13 +83,7 @@ def _daemon_batches(bench: Bench, emulator: Emulator, rows: int, batches: int) -
     read before the insert and once the status table holds them all as synced. Start-up is
     outside every batch; the idle cycles while it waits are inside.
     """
-    o = bench.options
-    sync = bench.sync(
-        0,
-        emulator.url,
-        source={"batch_size": o.batch_size},
-        engagelab={"concurrency": o.concurrency, "rate_limit": None},
-    )
+    sync = bench.pushing(0, emulator.url)
     emulator.reset()
     spent = []
     with Daemon(sync.config, bench.path("daemon-b")) as daemon:
