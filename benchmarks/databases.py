@@ -132,20 +132,24 @@ class RunRow:
         return (self.finished_at - self.started_at) / timedelta(seconds=1)
 
 
-def recent_runs(state_url: str, limit: int) -> list[RunRow]:
-    """The last ``limit`` finished cycles, oldest first."""
+def _query(state_url: str, sql: str, **params: Any) -> list[Any]:
+    """The rows of one query on the tracking database, on a connection of its own."""
     engine = create_engine(state_url)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT started_at, finished_at, outcome, rows_read, pushed "
-                    "FROM cdc_sync_runs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT :n"
-                ),
-                {"n": limit},
-            ).all()
+            return list(conn.execute(text(sql), params).all())
     finally:
         engine.dispose()
+
+
+def recent_runs(state_url: str, limit: int) -> list[RunRow]:
+    """The last ``limit`` finished cycles, oldest first."""
+    rows = _query(
+        state_url,
+        "SELECT started_at, finished_at, outcome, rows_read, pushed "
+        "FROM cdc_sync_runs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT :n",
+        n=limit,
+    )
     return [
         RunRow(_as_datetime(r[0]), _as_datetime(r[1]), r[2], int(r[3]), int(r[4]))
         for r in reversed(rows)
@@ -154,38 +158,22 @@ def recent_runs(state_url: str, limit: int) -> list[RunRow]:
 
 def run_count(state_url: str) -> int:
     """How many cycles ``cdc_sync_runs`` holds as finished."""
-    engine = create_engine(state_url)
-    try:
-        with engine.connect() as conn:
-            count = conn.execute(
-                text("SELECT count(*) FROM cdc_sync_runs WHERE finished_at IS NOT NULL")
-            ).scalar()
-    finally:
-        engine.dispose()
+    [(count,)] = _query(
+        state_url, "SELECT count(*) FROM cdc_sync_runs WHERE finished_at IS NOT NULL"
+    )
     return int(count or 0)
 
 
 def status_counts(state_url: str) -> dict[str, int]:
     """Users per status in ``cdc_sync_status``."""
-    engine = create_engine(state_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                text("SELECT status, count(*) FROM cdc_sync_status GROUP BY status")
-            ).all()
-    finally:
-        engine.dispose()
+    rows = _query(state_url, "SELECT status, count(*) FROM cdc_sync_status GROUP BY status")
     return {str(status): int(count) for status, count in rows}
 
 
 def watermark_cursor(state_url: str) -> datetime | None:
     """The stored watermark's cursor (``datetime:<iso>``), or None if absent or unreadable."""
-    engine = create_engine(state_url)
-    try:
-        with engine.connect() as conn:
-            value = conn.execute(text("SELECT cursor_value FROM cdc_sync_state")).scalar()
-    finally:
-        engine.dispose()
+    rows = _query(state_url, "SELECT cursor_value FROM cdc_sync_state")
+    value = rows[0][0] if rows else None
     if not isinstance(value, str) or not value.startswith("datetime:"):
         return None
     return datetime.fromisoformat(value.removeprefix("datetime:"))
