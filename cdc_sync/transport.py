@@ -1,78 +1,296 @@
-"""An httpx transport that does its I/O with aiohttp.
+"""An httpx transport: keep-alive HTTP/1.1 over asyncio protocols, parsed by httptools.
 
-Why not httpx's own transport: measured on this project's 2-core machine (loopback, 20 ms
-server, 32 requests in flight), httpx's default connection pool sustained a fraction of the
-C/L ceiling and spent several times the CPU per request of aiohttp, whose connector is the
-fastest pure-Python HTTP/1.1 client we could find. httpx stays the API (``httpx.Request`` and
-``httpx.Response``, and ``httpx.MockTransport`` at the same seam in tests); aiohttp moves bytes.
+Why not a general-purpose client underneath: cdc-sync sends one small POST per user to one
+origin, and pushing is most of the daemon's CPU. Measured on this project's 2-core machine
+(uvloop, loopback, 32 requests in flight, 4000 POSTs), CPU per request was about 0.2 ms for
+aiohttp's ``ClientSession``, more again through httpx's own connection pool, and 0.04 ms for
+this transport. httptools is llhttp, Node's C parser, as uvicorn uses it; what is left here is
+a pool of sockets and the bytes of a request head. httpx stays the API (``httpx.Request`` in,
+``httpx.Response`` out, ``httpx.MockTransport`` at the same seam in tests) and its exceptions
+say why a request failed, which the client records in the sync-status table.
 
-Why not the httpx-aiohttp package: it maps every ``aiohttp.ClientConnectionError``, including a
-server that closed the connection, to ``httpx.ConnectTimeout``, and this client reports *why* a
-request failed in the sync-status table. The mapping below is the point of owning these lines.
+What it does not do, because the EngageLab client never needs it: proxies, redirects (callers
+see the 3xx), HTTP/2, request bodies sent in pieces, and answers to HEAD requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from typing import cast
 
-import aiohttp
+import httptools
 import httpx
 
+MAX_ANSWER = 1 << 20
+"""Bytes of answer body accepted; an EngageLab answer is a few dozen."""
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """Sends httpx requests over one aiohttp session with at most ``connections`` sockets.
+KEEPALIVE = 15.0
+"""Seconds an idle connection is reused for. Servers and load balancers close idle keep-alive
+connections after a while (nginx after 75 s, many balancers after 60 s); a request written into
+a connection the server is closing fails, so connections are retired well before that."""
 
-    Bodies are read whole (EngageLab answers are a few dozen bytes), so a response is complete
-    and its connection back in the pool when this returns.
+_Origin = tuple[str, str, int]
+_Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+class _Failed(Exception):
+    """Why a connection could not deliver an answer; becomes an httpx exception in the pool."""
+
+    def __init__(
+        self, kind: type[httpx.TransportError], message: str, *, unanswered: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.unanswered = unanswered  # the connection ended before any byte of an answer
+
+
+class _Connection(asyncio.Protocol):
+    """One socket carrying one request at a time; its answer resolves the future ``send`` got."""
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._answer: asyncio.Future[_Answer] | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._size = 0
+        self._headers_done = False
+        self.received = False  # a byte of the current answer has arrived
+        self.closed = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def send(self, data: bytes, answer: asyncio.Future[_Answer]) -> None:
+        assert self._transport is not None
+        self._answer = answer
+        self.received = False
+        self._transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    # asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        if self._answer is None:  # bytes nobody asked for: this connection is out of step
+            self.close()
+            return
+        self.received = True
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._fail(httpx.RemoteProtocolError, f"malformed answer: {exc!r}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._answer is None:
+            return
+        if self._headers_done and self._delimited_by_close():
+            self.on_message_complete()
+        elif self.received:
+            self._fail(httpx.ReadError, "answer cut short")
+        else:
+            self._fail(httpx.RemoteProtocolError, "server closed the connection", unanswered=True)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._answer is None:  # a second answer to one request: out of step
+            self.close()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > MAX_ANSWER:
+            self._fail(httpx.RemoteProtocolError, f"answer longer than {MAX_ANSWER} bytes")
+        else:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        answer, status = self._answer, self._parser.get_status_code()
+        headers, body = self._headers, b"".join(self._body)
+        keep_alive = self._parser.should_keep_alive()
+        self._reset()
+        if answer is None:  # failed while parsing, or an answer nobody asked for
+            return
+        if 100 <= status < 200:  # informational (103 Early Hints): the answer is still to come
+            self._answer = answer
+            return
+        self._answer = None
+        if not keep_alive:
+            self.close()
+        if not answer.done():
+            answer.set_result((status, headers, body))
+
+    def _reset(self) -> None:
+        self._headers, self._body, self._size, self._headers_done = [], [], 0, False
+
+    def _delimited_by_close(self) -> bool:
+        """An answer with neither Content-Length nor Transfer-Encoding ends when the socket does."""
+        names = {name.lower() for name, _ in self._headers}
+        return b"content-length" not in names and b"transfer-encoding" not in names
+
+    def _fail(
+        self, kind: type[httpx.TransportError], message: str, *, unanswered: bool = False
+    ) -> None:
+        answer, self._answer = self._answer, None
+        self._reset()
+        self.close()
+        if answer is not None and not answer.done():
+            answer.set_exception(_Failed(kind, message, unanswered=unanswered))
+
+
+class Http1Transport(httpx.AsyncBaseTransport):
+    """Sends httpx requests over at most ``connections`` keep-alive sockets.
+
+    A request is written whole and its answer read whole, so the response returned is complete
+    and its connection back in the pool. ``timeout`` bounds each request from waiting for a
+    connection to its last byte; a request that times out takes its connection with it.
     """
 
-    def __init__(self, connections: int, timeout: float) -> None:
+    def __init__(
+        self,
+        connections: int,
+        timeout: float,
+        *,
+        keepalive: float = KEEPALIVE,
+        ssl_context: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._connections = connections
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
-
-    def _open(self) -> aiohttp.ClientSession:
-        # Created lazily: an aiohttp session belongs to the running event loop.
-        connector = aiohttp.TCPConnector(limit=self._connections, ttl_dns_cache=300)
-        return aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        self._timeout = timeout
+        self._keepalive = keepalive
+        self._ssl_context = ssl_context
+        self._clock = clock
+        self._slots: asyncio.Semaphore | None = None  # made on the loop that sends
+        self._idle: dict[_Origin, list[_Connection]] = {}
+        self._open: set[_Connection] = set()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._session is None:
-            self._session = self._open()
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._connections)
+        data = _serialize(request, await request.aread())
+        connected = False
         try:
-            async with self._session.request(
-                request.method,
-                str(request.url),
-                headers=request.headers.multi_items(),
-                data=await request.aread() or None,
-                allow_redirects=False,
-            ) as answer:
-                body = await answer.read()
+            async with asyncio.timeout(self._timeout), self._slots:
+                for last_try in (False, True):
+                    connection, reused = await self._connection(request.url)
+                    connected = True
+                    try:
+                        status, headers, body = await self._exchange(request.url, connection, data)
+                    except _Failed as exc:
+                        # A server may close an idle connection just as it is reused. Nothing of
+                        # an answer came, so send once more on a new connection: a contact
+                        # update sent twice leaves the same contacts.
+                        if exc.unanswered and reused and not last_try:
+                            continue
+                        raise
+                    break
         except TimeoutError as exc:
-            raise httpx.ReadTimeout(
-                "no complete answer within the timeout", request=request
-            ) from exc
-        except aiohttp.ServerDisconnectedError as exc:
-            raise httpx.RemoteProtocolError(
-                "server closed the connection", request=request
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise httpx.ConnectError(f"cannot connect: {exc.os_error}", request=request) from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise httpx.ReadError("answer cut short", request=request) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise httpx.NetworkError(f"{type(exc).__name__}: {exc}", request=request) from exc
-        return httpx.Response(
-            answer.status, headers=answer.raw_headers, content=body, request=request
-        )
+            if not connected:
+                message = "no connection within the timeout"
+                raise httpx.ConnectTimeout(message, request=request) from exc
+            message = "no complete answer within the timeout"
+            raise httpx.ReadTimeout(message, request=request) from exc
+        except _Failed as exc:
+            raise exc.kind(str(exc), request=request) from None
+        return httpx.Response(status, headers=headers, content=body, request=request)
+
+    async def _exchange(self, url: httpx.URL, connection: _Connection, data: bytes) -> _Answer:
+        """Send one request on ``connection`` and wait for its answer."""
+        answer: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+        connection.send(data, answer)
+        try:
+            result = await answer
+        except BaseException:  # failed, timed out or cancelled: the connection is out of step
+            self._discard(connection)
+            raise
+        if connection.closed:  # the server said Connection: close
+            self._discard(connection)
+        else:
+            connection.idle_since = self._clock()
+            self._idle.setdefault(_origin(url), []).append(connection)
+        return result
+
+    async def _connection(self, url: httpx.URL) -> tuple[_Connection, bool]:
+        """An idle connection to ``url``'s origin that is still fresh, or a new one; and which."""
+        idle = self._idle.get(_origin(url))
+        if idle:
+            retire_before = self._clock() - self._keepalive
+            while idle:
+                connection = idle.pop()
+                if not connection.closed and connection.idle_since >= retire_before:
+                    return connection, True
+                self._discard(connection)
+        return await self._connect(url), False
+
+    async def _connect(self, url: httpx.URL) -> _Connection:
+        scheme, host, port = _origin(url)
+        context = None
+        if scheme == "https":
+            # httpx's default: certifi's authorities, or SSL_CERT_FILE / SSL_CERT_DIR if set.
+            context = self._ssl_context = self._ssl_context or httpx.create_ssl_context()
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await loop.create_connection(
+                _Connection, host, port, ssl=context, server_hostname=host if context else None
+            )
+        except OSError as exc:  # refused, unreachable, DNS (gaierror), TLS (SSLError)
+            raise _Failed(httpx.ConnectError, f"cannot connect: {exc}") from exc
+        self._open.add(connection)
+        return connection
+
+    def _discard(self, connection: _Connection) -> None:
+        connection.close()
+        self._open.discard(connection)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            await asyncio.sleep(0)  # let aiohttp close its sockets before the loop stops
+        for connection in self._open:
+            connection.close()
+        self._open.clear()
+        self._idle.clear()
+        await asyncio.sleep(0)  # let the transports close their sockets before the loop stops
+
+
+def _origin(url: httpx.URL) -> _Origin:
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return url.scheme, url.host, port
+
+
+def _serialize(request: httpx.Request, body: bytes) -> bytes:
+    """The request's head and body as they go on the wire.
+
+    Host and Content-Length come from the URL and the body, unless the request has its own.
+    A header with a line break in it is refused: it would smuggle in headers of its own.
+    """
+    url = request.url
+    lines = [b"%s %s HTTP/1.1\r\n" % (request.method.encode("ascii"), url.raw_path)]
+    names = set()
+    for name, value in request.headers.raw:
+        if b"\n" in value or b"\r" in value:
+            raise httpx.LocalProtocolError(f"header {name!r} has a line break", request=request)
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":  # the body is sent whole, with its length
+            continue
+        names.add(lowered)
+        lines.append(b"%s: %s\r\n" % (name, value))
+    if b"host" not in names:
+        lines.append(b"Host: %s\r\n" % url.netloc)
+    if b"content-length" not in names and (body or request.method not in ("GET", "HEAD")):
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+    lines.append(b"\r\n")
+    lines.append(body)
+    return b"".join(lines)
