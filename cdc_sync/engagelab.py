@@ -56,6 +56,20 @@ class ApiResult:
     throttled: bool = False
 
 
+@dataclass(eq=False)
+class _Batch:
+    """Payloads submitted together, their results so far, and the future that delivers them."""
+
+    payloads: Sequence[Payload]
+    results: list[ApiResult | None] = field(init=False)
+    left: int = field(init=False)
+    done: Future[list[ApiResult | None]] = field(init=False, default_factory=Future)
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.payloads)
+        self.left = len(self.payloads)
+
+
 @dataclass(frozen=True)
 class CodePolicy:
     """The configurable part of classification: per-code overrides and the default for unknowns."""
@@ -141,8 +155,9 @@ class EngageLabClient:
 
     It owns a private event loop thread, so the connection pool stays warm across pages and
     cycles. At most ``concurrency`` requests are in flight across every batch submitted, all
-    paced by one :class:`~cdc_sync.pacing.Pacer`. After a FATAL answer no request starts until
-    :meth:`resume`: every further request would be refused too.
+    paced by one :class:`~cdc_sync.pacing.Pacer`, and batches go out in the order submitted.
+    After a FATAL answer no request starts until :meth:`resume`: every further request would
+    be refused too.
     """
 
     def __init__(
@@ -177,22 +192,31 @@ class EngageLabClient:
             target=self._loop.run_forever, name="engagelab", daemon=True
         )
         self._thread.start()
+        # One queue for every batch, served in order by `concurrency` workers: a page's
+        # requests all start before the next page's, so pages finish in the order they are
+        # recorded, and the next page's requests are in flight while one is being recorded.
+        self._queue: asyncio.Queue[tuple[_Batch, int]] = asyncio.Queue()
+        self._batches: set[_Batch] = set()
 
-        async def make_slots() -> asyncio.Semaphore:
-            return asyncio.Semaphore(concurrency)
+        async def start_workers() -> list[asyncio.Task[None]]:
+            return [asyncio.create_task(self._work()) for _ in range(concurrency)]
 
-        self._slots = self._run(make_slots())
+        self._workers = self._run(start_workers())
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def submit(self, payloads: Sequence[Payload]) -> Future[list[ApiResult | None]]:
-        """Start pushing a batch; its results come back in order, ``None`` for any not sent."""
-        if not payloads:  # an idle page: no trip through the loop thread
-            done: Future[list[ApiResult | None]] = Future()
-            done.set_result([])
-            return done
-        return asyncio.run_coroutine_threadsafe(self._push_all(payloads), self._loop)
+        """Start pushing a batch; its results come back in order, ``None`` for any not sent.
+
+        Batches are sent in the order they are submitted, each after the one before it.
+        """
+        batch = _Batch(payloads)
+        if payloads:  # an idle page has nothing to queue: no trip through the loop thread
+            self._loop.call_soon_threadsafe(self._enqueue, batch)
+        else:
+            batch.done.set_result([])
+        return batch.done
 
     def push_all(self, payloads: Sequence[Payload]) -> list[ApiResult | None]:
         """Push a batch and wait for it."""
@@ -202,24 +226,39 @@ class EngageLabClient:
         """Allow requests again after a FATAL answer (the next cycle tries once more)."""
         self.refused = False
 
-    async def _push_all(self, payloads: Sequence[Payload]) -> list[ApiResult | None]:
-        results: list[ApiResult | None] = [None] * len(payloads)
-        pending = iter(range(len(payloads)))
+    def _enqueue(self, batch: _Batch) -> None:
+        self._batches.add(batch)
+        for index in range(len(batch.payloads)):
+            self._queue.put_nowait((batch, index))
 
-        async def worker() -> None:
-            for index in pending:
-                async with self._slots:
-                    if self.refused:
-                        return
+    async def _work(self) -> None:
+        """Take requests from the queue in order; at most one in flight per worker."""
+        while True:
+            batch, index = await self._queue.get()
+            if batch.done.done():  # the batch already failed
+                continue
+            try:
+                if not self.refused:
                     await self.pacer.acquire()
-                    if self.refused:
-                        return
-                    results[index] = result = await self.push(payloads[index])
-                if result.verdict is Verdict.FATAL:
-                    self.refused = True
+                if not self.refused:  # a FATAL answer while waiting for the pace: not sent
+                    batch.results[index] = result = await self.push(batch.payloads[index])
+                    if result.verdict is Verdict.FATAL:
+                        self.refused = True
+            except Exception as exc:  # a bug, not an answer: the batch fails, the worker lives
+                self._settle(batch, exc)
+                continue
+            batch.left -= 1
+            if batch.left == 0:
+                self._settle(batch, None)
 
-        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(payloads)))))
-        return results
+    def _settle(self, batch: _Batch, error: BaseException | None) -> None:
+        self._batches.discard(batch)
+        if batch.done.done():
+            return
+        if error is None:
+            batch.done.set_result(batch.results)
+        else:
+            batch.done.set_exception(error)
 
     async def push(self, payload: Payload) -> ApiResult:
         """One request; transport failures become TRANSIENT results, never exceptions."""
@@ -250,10 +289,18 @@ class EngageLabClient:
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        self._run(self._transport.aclose())
+        self._run(self._stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+    async def _stop(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        for batch in list(self._batches):
+            self._settle(batch, RuntimeError("the EngageLab client was closed"))
+        await self._transport.aclose()
 
     def __enter__(self) -> EngageLabClient:
         return self

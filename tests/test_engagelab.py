@@ -1,8 +1,10 @@
 """Classification of EngageLab answers, and the client against the emulator over real HTTP."""
 
+import asyncio
 import json
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 
 from cdc_sync.emulator import Emulator, EmulatorServer, Faults
@@ -201,6 +203,61 @@ def test_unreachable_server_is_transient() -> None:
 
     assert result is not None and result.verdict is T
     assert result.message.startswith("connection failed")
+
+
+def recording(order: list[int], gate: asyncio.Event | None = None) -> httpx.MockTransport:
+    """A transport at the client's seam that notes each euid as its request starts."""
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        order.append(json.loads(request.content)["euid"])
+        await asyncio.sleep(0)  # a real request yields to the others while it is out
+        if gate is not None:
+            await gate.wait()
+        return httpx.Response(200, json={"code": 0, "message": "success"})
+
+    return httpx.MockTransport(answer)
+
+
+def test_batches_go_out_in_the_order_they_were_submitted() -> None:
+    """Every request of a page starts before any of the next page's: pages finish in order."""
+    order: list[int] = []
+    first = [Payload(100 + i, {"email": "a@b.c"}) for i in range(20)]
+    second = [Payload(200 + i, {"email": "a@b.c"}) for i in range(20)]
+
+    with client("http://api.test", concurrency=4, transport=recording(order)) as api:
+        answers = [api.submit(first), api.submit(second)]
+        results = [answer.result(timeout=10) for answer in answers]
+
+    assert [len([r for r in batch if r and r.verdict is S]) for batch in results] == [20, 20]
+    assert order == [p.euid for p in first + second]
+
+
+def test_a_failing_push_fails_its_batch_and_not_the_client() -> None:
+    """An exception that is not an answer (a bug) reaches the caller; later batches still go."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["euid"] == 666:
+            raise ValueError("bug in a transport")
+        return httpx.Response(200, json={"code": 0, "message": "success"})
+
+    with client("http://api.test", concurrency=2, transport=httpx.MockTransport(answer)) as api:
+        with pytest.raises(ValueError, match="bug in a transport"):
+            api.push_all([Payload(665, {"email": "a@b.c"}), Payload(666, {"email": "a@b.c"})])
+        [result] = api.push_all([Payload(667, {"email": "a@b.c"})])
+
+    assert result is not None and result.verdict is S
+
+
+def test_closing_fails_batches_still_out_instead_of_leaving_them_waiting() -> None:
+    """A batch in flight when the client closes ends with an error, not a wait forever."""
+    order: list[int] = []
+    api = client("http://api.test", concurrency=2, transport=recording(order, asyncio.Event()))
+    pending = api.submit([Payload(100 + i, {"email": "a@b.c"}) for i in range(5)])
+    api.close()
+
+    with pytest.raises(RuntimeError, match="client was closed"):
+        pending.result(timeout=10)
+    assert len(order) <= 2  # no request started after the close
 
 
 def test_the_client_loop_is_uvloop_where_it_exists() -> None:
