@@ -8,6 +8,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from sqlalchemy import text
 
 from cdc_sync.cli import state_engine
 from cdc_sync.errors import StateError
@@ -134,6 +135,37 @@ def test_remembered_records_follow_this_stores_writes(store: StateStore) -> None
     store.forget()
 
     assert (before, store.records(["a"])["a"].status) == (Status.SYNCED, Status.FAILED)
+
+
+def test_a_new_status_table_gets_statistics_so_lookups_probe_the_key(pg_database: str) -> None:
+    """A page's status lookup, once psycopg prepares it, may run on one generic plan for the
+    connection's life. Planned on a table without statistics, that plan scans the whole table
+    for every key; the store analyses a new table once a page has landed in it."""
+    store = StateStore(state_engine(pg_database), "users")
+    store.migrate()
+    with store.engine.begin() as connection:  # only the store may analyse it: no autovacuum
+        connection.execute(text("ALTER TABLE cdc_sync_status SET (autovacuum_enabled = false)"))
+    store.commit_page([upd(str(i)) for i in range(999)], None, NOW)
+    store.commit_page([upd("999")], None, NOW)  # the 1000th row written
+    with store.engine.begin() as connection:  # the backfill goes on
+        connection.execute(
+            text(
+                "INSERT INTO cdc_sync_status (sync_name, source_key, status, attempts, "
+                "first_seen_at, updated_at) SELECT 'users', g::text, 'synced', 0, now(), now() "
+                "FROM generate_series(1000, 19999) g"
+            )
+        )
+        # The store's lookup, as PostgreSQL plans it once it settles on a generic plan.
+        connection.execute(
+            text(
+                "PREPARE lookup(varchar, varchar[]) AS SELECT source_key, status "
+                "FROM cdc_sync_status WHERE sync_name = $1 AND source_key = ANY ($2)"
+            )
+        )
+        connection.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
+        plan = "\n".join(connection.scalars(text("EXPLAIN EXECUTE lookup('users', '{1,2}')")))
+    store.engine.dispose()
+    assert "Index Scan using pk_cdc_sync_status" in plan, plan
 
 
 def test_unmigrated_database_names_the_fix(tmp_path) -> None:  # type: ignore[no-untyped-def]
