@@ -122,6 +122,28 @@ async def send(pool: Http1Transport, request: httpx.Request) -> httpx.Response:
     return response
 
 
+async def then_one_more(
+    answer: Answer,
+    first: Callable[[Http1Transport, str], Awaitable[None]] | None = None,
+    *,
+    timeout: float = 5.0,
+    wait_for_close: bool = False,
+) -> list[int]:
+    """A first request (answered, unless ``first`` does otherwise), then one that must succeed,
+    on a pool of one connection; returns the server connection each request arrived on."""
+    async with serving(answer) as server:
+        pool = Http1Transport(1, timeout)
+        if first is None:
+            assert (await send(pool, post(server.url))).status_code == 200
+        else:
+            await first(pool, server.url)
+        if wait_for_close:
+            await server.closed_by_client.wait()
+        assert (await send(pool, post(server.url))).status_code == 200
+        await pool.aclose()
+    return [r.connection for r in server.requests]
+
+
 def test_answers_come_back_whole_over_one_reused_connection(run: Any) -> None:
     async def scenario() -> None:
         async with serving(answering(OK)) as server:
@@ -213,30 +235,13 @@ def test_idle_connections_are_retired_before_servers_drop_them(run: Any) -> None
 
 def test_connection_close_is_honoured(run: Any) -> None:
     closing = OK.replace(b"Content-Length", b"Connection: close\r\nContent-Length")
-
-    async def scenario() -> None:
-        async with serving(answering(closing)) as server:
-            pool = Http1Transport(1, 5.0)
-            for _ in range(2):
-                assert (await send(pool, post(server.url))).status_code == 200
-            await pool.aclose()
-        assert [r.connection for r in server.requests] == [1, 2]
-
-    run(scenario())
+    assert run(then_one_more(answering(closing))) == [1, 2]
 
 
 def test_a_connection_the_server_closes_after_an_answer_is_not_reused(run: Any) -> None:
-    async def scenario() -> None:
-        async with serving(closes_after(OK)) as server:
-            pool = Http1Transport(1, 5.0)
-            for _ in range(2):
-                assert (await send(pool, post(server.url))).status_code == 200
-            await pool.aclose()
-        # Whether the client saw the close before the second request or only when writing it,
-        # the second request went out on a connection of its own.
-        assert [r.connection for r in server.requests] in ([1, 2], [1, 1, 2])
-
-    run(scenario())
+    # Whether the client saw the close before the second request or only when writing it,
+    # the second request went out on a connection of its own.
+    assert run(then_one_more(closes_after(OK))) in ([1, 2], [1, 1, 2])
 
 
 def test_a_reused_connection_closed_unanswered_is_tried_once_more(run: Any) -> None:
@@ -246,15 +251,7 @@ def test_a_reused_connection_closed_unanswered_is_tried_once_more(run: Any) -> N
         else:
             writer.write(OK)
 
-    async def scenario() -> None:
-        async with serving(answer) as server:
-            pool = Http1Transport(1, 5.0)
-            for _ in range(2):
-                assert (await send(pool, post(server.url))).status_code == 200
-            await pool.aclose()
-        assert [r.connection for r in server.requests] == [1, 1, 2]
-
-    run(scenario())
+    assert run(then_one_more(answer)) == [1, 1, 2]
 
 
 @pytest.mark.parametrize(
@@ -339,17 +336,11 @@ def test_a_timed_out_request_takes_its_connection_with_it(run: Any) -> None:
         if len(server.requests) > 1:
             writer.write(OK)  # the first request is never answered
 
-    async def scenario() -> None:
-        async with serving(answer) as server:
-            pool = Http1Transport(1, 0.2)
-            with pytest.raises(httpx.ReadTimeout):
-                await send(pool, post(server.url))
-            await server.closed_by_client.wait()
-            assert (await send(pool, post(server.url))).status_code == 200
-            await pool.aclose()
-        assert [r.connection for r in server.requests] == [1, 2]
+    async def times_out(pool: Http1Transport, url: str) -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            await send(pool, post(url))
 
-    run(scenario())
+    assert run(then_one_more(answer, times_out, timeout=0.2, wait_for_close=True)) == [1, 2]
 
 
 def test_a_cancelled_request_takes_its_connection_with_it(run: Any) -> None:
@@ -361,36 +352,20 @@ def test_a_cancelled_request_takes_its_connection_with_it(run: Any) -> None:
         else:
             writer.write(OK)
 
-    async def scenario() -> None:
-        async with serving(answer) as server:
-            pool = Http1Transport(1, 5.0)
-            first = asyncio.ensure_future(send(pool, post(server.url)))
-            await started.wait()
-            first.cancel()
-            await server.closed_by_client.wait()
-            assert (await send(pool, post(server.url))).status_code == 200
-            await pool.aclose()
-        assert first.cancelled()
-        assert [r.connection for r in server.requests] == [1, 2]
+    async def cancelled(pool: Http1Transport, url: str) -> None:
+        first = asyncio.ensure_future(send(pool, post(url)))
+        await started.wait()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
 
-    run(scenario())
+    assert run(then_one_more(answer, cancelled, wait_for_close=True)) == [1, 2]
 
 
 def test_bytes_on_an_idle_connection_put_it_out_of_use(run: Any) -> None:
-    async def answer(server: Server, request: Request, writer: asyncio.StreamWriter) -> None:
-        # An answer, then bytes nobody asked for (some servers send 408 before closing).
-        writer.write(OK + b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
-
-    async def scenario() -> None:
-        async with serving(answer) as server:
-            pool = Http1Transport(1, 5.0)
-            await send(pool, post(server.url))
-            await server.closed_by_client.wait()
-            assert (await send(pool, post(server.url))).status_code == 200
-            await pool.aclose()
-        assert [r.connection for r in server.requests] == [1, 2]
-
-    run(scenario())
+    # An answer, then bytes nobody asked for (some servers send 408 before closing).
+    extra = OK + b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n"
+    assert run(then_one_more(answering(extra), wait_for_close=True)) == [1, 2]
 
 
 def test_refused_connection_is_a_connect_error(run: Any) -> None:
