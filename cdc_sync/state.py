@@ -18,6 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from sqlalchemy import (
     Connection,
     DateTime,
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 
 # The newest migration in migrations/versions (a test holds it to alembic's own view).
 SCHEMA_HEAD = "0002"
+
+log = structlog.get_logger("cdc_sync.state")
 
 REMEMBERED_RECORDS = 10_000  # status rows StateStore.records keeps in memory, at most
 
@@ -310,14 +313,17 @@ class StateStore:
             return
         self._unchecked = None
         name = self.engine.dialect.identifier_preparer.format_table(sync_status)
-        with self._connect() as connection:
-            known = connection.scalar(  # -1: never analysed; a few: analysed nearly empty
-                text("SELECT reltuples FROM pg_class WHERE oid = CAST(:name AS regclass)"),
-                {"name": name},
-            )
-            if known is not None and known < ANALYZE_AFTER:
-                # A role that does not own the table gets a warning, not an error.
-                connection.execute(text(f"ANALYZE {name}"))
+        try:
+            with self._connect() as connection:
+                known = connection.scalar(  # -1: never analysed; a few: analysed nearly empty
+                    text("SELECT reltuples FROM pg_class WHERE oid = CAST(:name AS regclass)"),
+                    {"name": name},
+                )
+                if known is not None and known < ANALYZE_AFTER:
+                    # A role that does not own the table gets a warning, not an error.
+                    connection.execute(text(f"ANALYZE {name}"))
+        except StateError as exc:  # the page is recorded; only the lookups' speed is at stake
+            log.warning("status_table_not_analysed", error=str(exc))
 
     def _upsert_status(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
         """Insert or update status rows: one statement, one parameter for the page on PostgreSQL.

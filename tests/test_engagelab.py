@@ -261,7 +261,7 @@ def test_closing_fails_batches_still_out_instead_of_leaving_them_waiting() -> No
 
 
 def test_the_client_loop_is_uvloop_where_it_exists() -> None:
-    """On Linux the client's event loop is uvloop's (a fifth less CPU per request)."""
+    """On Linux the client's event loop is uvloop's (a sixth less CPU per request)."""
     import uvloop
 
     loop = new_event_loop()

@@ -168,6 +168,24 @@ def test_a_new_status_table_gets_statistics_so_lookups_probe_the_key(pg_database
     assert "Index Scan using pk_cdc_sync_status" in plan, plan
 
 
+def test_a_failed_analyse_leaves_the_page_recorded(
+    pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Analysing is for speed only: if it fails, the page it followed stays committed."""
+    store = StateStore(state_engine(pg_database), "users")
+    store.migrate()
+
+    def unreachable() -> None:
+        raise StateError("the tracking database went away")
+
+    monkeypatch.setattr(store, "_connect", unreachable)  # what runs after the page's commit
+    store.commit_page([upd(str(i)) for i in range(1000)], None, NOW)
+    monkeypatch.undo()
+
+    assert store.status_of("999") is not None
+    store.engine.dispose()
+
+
 def test_unmigrated_database_names_the_fix(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A tracking database without tables is refused with the command that fixes it."""
     store = StateStore(state_engine(f"sqlite:///{tmp_path}/empty.db"), "users")
