@@ -183,14 +183,15 @@ class Http1Transport(httpx.AsyncBaseTransport):
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._connections)
         data = _serialize(request, await request.aread())
+        origin = _origin(request.url)
         connected = False
         try:
             async with asyncio.timeout(self._timeout), self._slots:
                 for last_try in (False, True):
-                    connection, reused = await self._connection(request.url)
+                    connection, reused = await self._connection(origin)
                     connected = True
                     try:
-                        status, headers, body = await self._exchange(request.url, connection, data)
+                        status, headers, body = await self._exchange(origin, connection, data)
                     except _Failed as exc:
                         # A server may close an idle connection just as it is reused. Nothing of
                         # an answer came, so send once more on a new connection: a contact
@@ -209,7 +210,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
             raise exc.kind(str(exc), request=request) from None
         return httpx.Response(status, headers=headers, content=body, request=request)
 
-    async def _exchange(self, url: httpx.URL, connection: _Connection, data: bytes) -> _Answer:
+    async def _exchange(self, origin: _Origin, connection: _Connection, data: bytes) -> _Answer:
         """Send one request on ``connection`` and wait for its answer."""
         answer: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
         connection.send(data, answer)
@@ -222,12 +223,12 @@ class Http1Transport(httpx.AsyncBaseTransport):
             self._discard(connection)
         else:
             connection.idle_since = self._clock()
-            self._idle.setdefault(_origin(url), []).append(connection)
+            self._idle.setdefault(origin, []).append(connection)
         return result
 
-    async def _connection(self, url: httpx.URL) -> tuple[_Connection, bool]:
-        """An idle connection to ``url``'s origin that is still fresh, or a new one; and which."""
-        idle = self._idle.get(_origin(url))
+    async def _connection(self, origin: _Origin) -> tuple[_Connection, bool]:
+        """An idle connection to ``origin`` that is still fresh, or a new one; and which."""
+        idle = self._idle.get(origin)
         if idle:
             retire_before = self._clock() - self._keepalive
             while idle:
@@ -235,10 +236,10 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 if not connection.closed and connection.idle_since >= retire_before:
                     return connection, True
                 self._discard(connection)
-        return await self._connect(url), False
+        return await self._connect(origin), False
 
-    async def _connect(self, url: httpx.URL) -> _Connection:
-        scheme, host, port = _origin(url)
+    async def _connect(self, origin: _Origin) -> _Connection:
+        scheme, host, port = origin
         context = None
         if scheme == "https":
             # httpx's default: certifi's authorities, or SSL_CERT_FILE / SSL_CERT_DIR if set.
