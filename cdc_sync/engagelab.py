@@ -174,7 +174,6 @@ class EngageLabClient:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = base_url.rstrip("/") + CONTACT_PATH
-        self.concurrency = concurrency
         self.policy = policy
         self.pacer = Pacer(rate_limit, clock)
         self.refused = False
