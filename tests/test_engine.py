@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from harness import World
+from sqlalchemy import Engine as SqlEngine
 from sqlalchemy import event, select
 
 from cdc_sync.emulator import Faults
@@ -316,11 +317,11 @@ def test_a_new_process_closes_the_run_a_killed_one_left(world: World) -> None:
     assert list(outcomes.values()).count("ok") == 1
 
 
-def count_statements(world: World) -> list[str]:
-    """Every statement the tracking database receives from now on, by its first word."""
+def count_statements(database: SqlEngine) -> list[str]:
+    """Every statement ``database`` receives from now on, by its first word."""
     seen: list[str] = []
     event.listen(
-        world.state.engine,
+        database,
         "before_cursor_execute",
         lambda _c, _cur, statement, *_: seen.append(statement.split()[0].upper()),
     )
@@ -334,7 +335,7 @@ def test_an_idle_cycle_asks_the_tracking_database_little(world: World) -> None:
     world.users.add_users(range(1, 4))
     engine.run_cycle()
     engine.run_cycle()
-    seen = count_statements(world)
+    seen = count_statements(world.state.engine)
 
     idle = engine.run_cycle()
 
@@ -347,12 +348,7 @@ def test_an_idle_cycle_reads_the_source_once(world: World) -> None:
     engine = world.engine()
     world.users.add_users(range(1, 4))
     engine.run_cycle()
-    seen: list[str] = []
-    event.listen(
-        world.source_engine,
-        "before_cursor_execute",
-        lambda _c, _cur, statement, *_: seen.append(statement.split()[0].upper()),
-    )
+    seen = count_statements(world.source_engine)
 
     idle = engine.run_cycle()
 
@@ -387,7 +383,7 @@ def test_a_new_tenure_of_the_lock_reads_the_state_again(world: World) -> None:
     engine.run_cycle()
     engine.run_cycle()
     engine.begin_tenure()
-    seen = count_statements(world)
+    seen = count_statements(world.state.engine)
 
     engine.run_cycle()
 
