@@ -24,6 +24,12 @@ from sqlalchemy import (
     TypeDecorator,
 )
 
+VERSION_TABLE = "cdc_sync_alembic_version"
+"""Where alembic keeps the tracking tables' revision. Not alembic's default, ``alembic_version``:
+a shared PostgreSQL database often holds another alembic application, whose revisions that table
+already holds, and alembic refuses a version table that names revisions it does not know.
+It lives beside the tracking tables, in the connection's default schema."""
+
 metadata = MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",

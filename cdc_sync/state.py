@@ -43,14 +43,19 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.exc import SQLAlchemyError
 
 from cdc_sync.errors import StateError, first_line
-from cdc_sync.models import UtcDateTime, sync_runs, sync_state, sync_status
+from cdc_sync.models import VERSION_TABLE, UtcDateTime, sync_runs, sync_state, sync_status
 from cdc_sync.rules import Position, Record, Status, Update
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
-# The newest migration in migrations/versions (a test holds it to alembic's own view).
-SCHEMA_HEAD = "0002"
+# Every migration in migrations/versions, oldest first (a test holds them to alembic's own view).
+REVISIONS = ("0001", "0002")
+SCHEMA_HEAD = REVISIONS[-1]
+
+SHARED_VERSION_TABLE = "alembic_version"
+"""Alembic's default version table, where cdc-sync kept its revision before :data:`VERSION_TABLE`;
+other alembic applications keep theirs there too."""
 
 log = structlog.get_logger("cdc_sync.state")
 
@@ -170,6 +175,9 @@ class StateStore:
         from alembic import command
 
         with self._transaction() as connection:
+            moved = _take_back_shared_revision(connection)
+            if moved is not None:
+                command.stamp(alembic_config(connection), moved)
             command.upgrade(alembic_config(connection), revision)
 
     def downgrade(self, revision: str) -> None:
@@ -185,7 +193,10 @@ class StateStore:
 
         head = ScriptDirectory.from_config(alembic_config()).get_current_head()
         with self._connect() as connection:
-            current = MigrationContext.configure(connection).get_current_revision()
+            opts = {"version_table": VERSION_TABLE}
+            current = MigrationContext.configure(connection, opts=opts).get_current_revision()
+            if current is None and (shared := _shared_revision(connection)) is not None:
+                current = f"{shared} in {SHARED_VERSION_TABLE}"  # not head: migrate moves it
         return current, head
 
     def require_schema(self) -> None:
@@ -195,13 +206,16 @@ class StateStore:
         fifth of a second of CPU, on every start of every ``once``.
         """
         with self._connect() as connection:
-            current = (
-                connection.scalar(_VERSION)
-                if inspect(connection).has_table("alembic_version")
-                else None
-            )
+            ours = inspect(connection).has_table(VERSION_TABLE)
+            current = connection.scalar(_VERSION) if ours else None
+            shared = _shared_revision(connection) if current is None else None
         if current != SCHEMA_HEAD:
-            state = "has no tracking tables" if current is None else f"is at revision {current}"
+            if shared is not None:
+                state = f"keeps its revision ({shared}) in {SHARED_VERSION_TABLE}, as cdc-sync did"
+            elif current is None:
+                state = "has no tracking tables"
+            else:
+                state = f"is at revision {current}"
             raise StateError(
                 f"the tracking database {self._where()} {state}, "
                 f"but this cdc-sync needs {SCHEMA_HEAD}",
@@ -588,9 +602,40 @@ class StateStore:
 _WATERMARK = select(sync_state.c.cursor_value, sync_state.c.key_value).where(
     sync_state.c.sync_name == bindparam("sync")
 )
-_VERSION = text("SELECT version_num FROM alembic_version")
+_VERSION = text(f"SELECT version_num FROM {VERSION_TABLE}")  # noqa: S608 - a constant name
 _START_RUN = insert(sync_runs)  # the columns are those of the row executed with
 _FINISH_RUN = update(sync_runs).where(sync_runs.c.id == bindparam("run"))  # SET: the other keys
+
+
+def _shared_revision(connection: Connection) -> str | None:
+    """cdc-sync's revision in alembic's default version table, where cdc-sync kept it before
+    :data:`VERSION_TABLE`; None when that table is missing or holds only others' revisions."""
+    if not inspect(connection).has_table(SHARED_VERSION_TABLE):
+        return None
+    held = connection.scalars(text(f"SELECT version_num FROM {SHARED_VERSION_TABLE}"))  # noqa: S608
+    return next((revision for revision in held if revision in REVISIONS), None)
+
+
+def _take_back_shared_revision(connection: Connection) -> str | None:
+    """Move cdc-sync's revision out of ``alembic_version`` (an install older than
+    :data:`VERSION_TABLE`); the revision moved, or None when there is nothing of ours to move.
+
+    Another application's rows are left where they are; the table is dropped only when cdc-sync's
+    row was all it held, which means it was cdc-sync's own.
+    """
+    if inspect(connection).has_table(VERSION_TABLE):
+        return None
+    revision = _shared_revision(connection)
+    if revision is None:
+        return None
+    connection.execute(
+        text(f"DELETE FROM {SHARED_VERSION_TABLE} WHERE version_num = :revision"),  # noqa: S608
+        {"revision": revision},
+    )
+    if connection.scalar(text(f"SELECT count(*) FROM {SHARED_VERSION_TABLE}")) == 0:  # noqa: S608
+        connection.execute(text(f"DROP TABLE {SHARED_VERSION_TABLE}"))
+    log.info("version_table_moved", revision=revision, to=VERSION_TABLE)
+    return revision
 
 
 def _records_query(dialect: str) -> Select[Any]:

@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from cdc_sync.models import metadata
+from cdc_sync.models import VERSION_TABLE, metadata
 
 config = context.config
 
@@ -26,6 +26,7 @@ def _migrate(connection) -> None:  # type: ignore[no-untyped-def]
     context.configure(
         connection=connection,
         target_metadata=metadata,
+        version_table=VERSION_TABLE,  # not alembic_version: another application's, when shared
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copying
         compare_type=True,
     )
