@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from cdc_sync import cli
 from cdc_sync.emulator import Emulator, EmulatorServer
 
 API_KEY, API_SECRET = "demo-key", "demo-secret"
+
+MARKER = ".cdc-sync-demo"
+"""The file that says a directory is the demo's own, and so the demo's to delete."""
 
 CONFIG = """\
 name: demo
@@ -121,15 +125,41 @@ def step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
+def prepare(workdir: Path) -> str | None:
+    """Make ``workdir`` an empty demo directory; or say why not, touching nothing.
+
+    Only a directory the demo made (it holds :data:`MARKER`) is deleted and made again; a
+    missing or empty one is used. Anything else may be somebody's data (a ``state.db`` is the
+    production state file's name too), so it is left alone.
+    """
+    if workdir.is_dir() and (workdir / MARKER).is_file():
+        shutil.rmtree(workdir)
+    elif workdir.is_dir() and any(workdir.iterdir()):
+        return (
+            f"{workdir} is not empty and was not made by the demo (it has no {MARKER}); "
+            "the demo deletes only its own directory: give another --dir, or empty this one"
+        )
+    elif workdir.exists() and not workdir.is_dir():
+        return f"{workdir} is not a directory: give another --dir"
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("made by `cdc-sync demo`, which deletes this directory\n")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cdc-sync demo", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--dir", default=".demo", help="working directory, recreated (default .demo)"
+        "--dir",
+        default=".demo",
+        help="working directory (default .demo): made afresh if the demo made it, "
+        "used if empty or missing, refused otherwise",
     )
     args = parser.parse_args(argv)
     workdir = Path(args.dir).resolve()
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    refused = prepare(workdir)
+    if refused is not None:
+        print(f"cdc-sync demo: {refused}", file=sys.stderr)
+        return 2
     source_url = f"sqlite:///{workdir}/app.db"
 
     emulator = Emulator(API_KEY, API_SECRET)
