@@ -1,20 +1,18 @@
 """The ``cdc-sync`` command: wiring, exit statuses, and the only place real collaborators are built.
 
-Exit statuses: 0 done; 1 unexpected error; 3 EngageLab refused the sync (credentials, project);
-69 something outside the config is wrong (database unreachable, table missing, schema behind);
-75 another instance of the sync holds its lock (``once``, ``migrate``); 78 the configuration is
-wrong.
+The exit statuses are listed once, in :data:`EXIT_STATUSES`, which ``--help`` prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +24,8 @@ from cdc_sync import __version__, logs
 from cdc_sync.config import Settings, load_settings, resolve_config_path
 from cdc_sync.engagelab import CodePolicy, EngageLabClient, Verdict
 from cdc_sync.engine import Engine, EngineSettings
-from cdc_sync.errors import CdcSyncError
-from cdc_sync.lock import InstanceLock
+from cdc_sync.errors import EX_CONFIG, EX_FATAL_API, EX_UNAVAILABLE, CdcSyncError
+from cdc_sync.lock import EX_TEMPFAIL, InstanceLock
 from cdc_sync.report import render_check, render_status
 from cdc_sync.rules import Retry
 from cdc_sync.source import Source, SourceSpec
@@ -207,8 +205,32 @@ COMMANDS = {
 }
 
 
+DESCRIPTION = "Keeps EngageLab contact information in step with an application's user table."
+
+EX_PIPE = 128 + signal.SIGPIPE
+"""A reader that went away (``| head``): the status a shell shows for a tool SIGPIPE killed."""
+
+EXIT_STATUSES = f"""\
+exit statuses:
+  0    done
+  1    unexpected error
+  2    wrong command-line usage
+  {EX_FATAL_API:<3}  EngageLab refused the sync (credentials, project): every request would fail
+  {EX_UNAVAILABLE:<3}  something outside the config is wrong (a database unreachable, the table or a
+       column missing, the tracking tables behind); the message says what and how to fix it
+  {EX_TEMPFAIL:<3}  another instance of the same sync holds its lock (once, migrate)
+  {EX_CONFIG:<3}  the configuration is wrong; the message names the file and every bad key
+  {EX_PIPE:<3}  the reader of the output went away (cdc-sync status | head), said nothing
+"""
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cdc-sync", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="cdc-sync",
+        description=DESCRIPTION,
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"cdc-sync {__version__}")
     p.add_argument(
         "-c", "--config", help="config file (default: $CDC_SYNC_CONFIG or ./config.yaml)"
@@ -225,6 +247,30 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_on_broken_pipe(command: Callable[..., int]) -> Callable[..., int]:
+    """Exit :data:`EX_PIPE` without a traceback when stdout's reader has gone, as Unix tools do.
+
+    Python ignores SIGPIPE, so a write to a closed pipe raises BrokenPipeError; stdout is
+    flushed here so that the error is raised here, then pointed at /dev/null so that the
+    interpreter's own flush at exit does not raise it again (the recipe of Python's
+    ``signal`` documentation). 141 rather than 0: under ``set -o pipefail`` cdc-sync then
+    fails a pipeline exactly as ``grep`` or ``cat`` would.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            status = command(*args, **kwargs)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EX_PIPE
+        return status
+
+    return wrapper
+
+
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The emulator and the demo take their own arguments.

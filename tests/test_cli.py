@@ -468,3 +468,74 @@ def test_no_command_is_a_usage_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("usage: cdc-sync")
     assert "the following arguments are required: COMMAND" in result.stderr
+
+
+def test_help_describes_the_program_and_lists_every_exit_status(tmp_path: Path) -> None:
+    """``--help`` says what cdc-sync does (not how it is wired) and lists the exit statuses."""
+    result = cdc_sync(None, "--help")
+
+    assert result.returncode == 0
+    assert "in step with an application's user table" in result.stdout
+    assert "collaborators" not in result.stdout
+    statuses = re.findall(r"^  (\d+) ", result.stdout.split("exit statuses:")[1], re.MULTILINE)
+    assert statuses == ["0", "1", "2", "3", "69", "75", "78", "141"]
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def test_output_into_a_closed_pipe_exits_141_without_a_traceback(tmp_path: Path) -> None:
+    """``cdc-sync status | head`` whose reader has gone ends quietly, with SIGPIPE's status."""
+    config = offline_config(tmp_path)
+    assert cdc_sync(config, "migrate").returncode == 0
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before cdc-sync writes a byte
+
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "cdc_sync.cli", "-c", str(config), "status"],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(writer)
+
+    assert result.returncode == 141
+    assert result.stderr == ""
+
+
+# -- the systemd unit ---------------------------------------------------------------------------
+
+
+def test_the_units_documentation_is_a_file_the_documented_install_creates() -> None:
+    """Every ``file://`` of the unit's ``Documentation=`` is the target of the README's install."""
+    root = Path(__file__).resolve().parent.parent
+    unit = (root / "systemd" / "cdc-sync.service").read_text()
+    readme = (root / "README.md").read_text()
+    install = readme.split("## Installing the systemd unit", 1)[1].split("\n## ", 1)[0]
+    commands = [line.split("#")[0].split() for line in install.splitlines()]
+    targets = {words[-1] for words in commands if words[:1] == ["install"]}
+
+    documented = re.findall(r"^Documentation=(.+)$", unit, re.MULTILINE)[0].split()
+
+    files = [uri.removeprefix("file://") for uri in documented if uri.startswith("file://")]
+    assert files
+    assert set(files) <= targets, (files, targets)
+
+
+def test_sslmode_in_a_database_url_reaches_libpq(users: UserDb, tmp_path: Path) -> None:
+    """The README's database TLS advice holds: ``?sslmode=`` in the URL is libpq's to enforce."""
+    config = offline_config(tmp_path, source={"url": users.url})
+    assert cdc_sync(config, "migrate").returncode == 0
+
+    plain = cdc_sync(config, "check")
+    edit(config, "source.url", users.url + "?sslmode=require")  # the test server has no TLS
+    demanding = cdc_sync(config, "check")
+
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert demanding.returncode == 69
+    assert "server does not support SSL" in demanding.stderr
+    assert_no_traceback(demanding)
