@@ -24,7 +24,7 @@ import httpx
 
 from cdc_sync.mapping import Payload
 from cdc_sync.pacing import Pacer, Signal
-from cdc_sync.transport import Http1Transport
+from cdc_sync.transport import CertificateError, Http1Transport
 
 T = TypeVar("T")
 
@@ -33,6 +33,11 @@ CONTACT_PATH = "/v1/user/contact"
 FATAL_CODES = frozenset({40050, 50031, 50034, 50074})
 PERMANENT_CODES = frozenset({40007, 55004, 55014, 55101, 55102, 55103, 55105, 55106, 55107, 55108})
 TRANSIENT_CODES = frozenset({-1})
+
+CERTIFICATE_FIX = (
+    "check engagelab.base_url; if a proxy or firewall on the way re-signs TLS, set SSL_CERT_FILE "
+    "to a bundle holding its authority"
+)
 
 
 class Verdict(StrEnum):
@@ -269,6 +274,8 @@ class EngageLabClient:
         try:
             response = await self._transport.handle_async_request(request)
             content = await response.aread()
+        except CertificateError as exc:  # the same certificate is refused next time too
+            return ApiResult(Verdict.FATAL, None, None, f"{exc}; {CERTIFICATE_FIX}")
         except httpx.TimeoutException:
             self.pacer.record(Signal.OVERLOADED)
             return ApiResult(Verdict.TRANSIENT, None, None, "request timed out")

@@ -5,8 +5,9 @@
     ├── SetupError                  the world around us is wrong; fix it and start again (exit 69)
     │   ├── SourceError             source unreachable, table or column missing
     │   └── StateError              tracking database unreachable or its schema is behind
-    ├── FatalApiError               EngageLab refuses every request (credentials, project);
-    │                               stop the cycle at once and alert (exit 3)
+    ├── FatalApiError               EngageLab refuses every request (credentials, project),
+    │                               or its TLS certificate is refused; stop the cycle at once
+    │                               and alert (exit 3)
     └── lock.LockBusy               another instance of this sync holds its lock; try later
                                     (exit 75, EX_TEMPFAIL)
 
@@ -72,7 +73,10 @@ class FatalApiError(CdcSyncError):
         self.code = code
         self.status = status
         self.message = message
-        super().__init__(f"EngageLab refused the sync (HTTP {status}, code {code}): {message}")
+        if status is None:  # no answer at all: EngageLab could not be reached as configured
+            super().__init__(f"cdc-sync cannot reach EngageLab as configured: {message}")
+        else:
+            super().__init__(f"EngageLab refused the sync (HTTP {status}, code {code}): {message}")
 
 
 def first_line(exc: BaseException) -> str:

@@ -16,11 +16,13 @@ see the 3xx), HTTP/2, request bodies sent in pieces, and answers to HEAD request
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import cast
 
+import certifi
 import httptools
 import httpx
 
@@ -34,6 +36,28 @@ a connection the server is closing fails, so connections are retired well before
 
 _Origin = tuple[str, str, int]
 _Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+class CertificateError(httpx.ConnectError):
+    """The server's TLS certificate was refused: signed by an authority not trusted here, or
+    not made out to the host's name. The same certificate is refused next time too, so this is
+    a configuration problem (the URL, or the authorities trusted), never worth a retry."""
+
+
+def default_trust(
+    environ: Mapping[str, str] = os.environ,
+) -> tuple[ssl.SSLContext, str]:
+    """The authorities httpx trusts by default, and what they are, for messages.
+
+    As :func:`httpx.create_ssl_context`: the bundle named by ``SSL_CERT_FILE``, else the
+    directory named by ``SSL_CERT_DIR``, else certifi's bundle (not the system's).
+    """
+    if path := environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=path), f"SSL_CERT_FILE={path}"
+    if path := environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=path), f"SSL_CERT_DIR={path}"
+    bundle = certifi.where()
+    return ssl.create_default_context(cafile=bundle), f"certifi's bundle {bundle}"
 
 
 class _Failed(Exception):
@@ -174,6 +198,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._timeout = timeout
         self._keepalive = keepalive
         self._ssl_context = ssl_context
+        self._trust = "the SSL context given to the transport"
         self._clock = clock
         self._slots: asyncio.Semaphore | None = None  # made on the loop that sends
         self._idle: dict[_Origin, list[_Connection]] = {}
@@ -240,19 +265,30 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     async def _connect(self, origin: _Origin) -> _Connection:
         scheme, host, port = origin
-        context = None
-        if scheme == "https":
-            # httpx's default: certifi's authorities, or SSL_CERT_FILE / SSL_CERT_DIR if set.
-            context = self._ssl_context = self._ssl_context or httpx.create_ssl_context()
+        context = self._tls() if scheme == "https" else None
         loop = asyncio.get_running_loop()
         try:
             _, connection = await loop.create_connection(
                 _Connection, host, port, ssl=context, server_hostname=host if context else None
             )
-        except OSError as exc:  # refused, unreachable, DNS (gaierror), TLS (SSLError)
+        except ssl.SSLCertVerificationError as exc:
+            raise _Failed(CertificateError, self._refused(host, port, exc)) from exc
+        except OSError as exc:  # refused, unreachable, DNS (gaierror), other TLS (SSLError)
             raise _Failed(httpx.ConnectError, f"cannot connect: {exc}") from exc
         self._open.add(connection)
         return connection
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            self._ssl_context, self._trust = default_trust()
+        return self._ssl_context
+
+    def _refused(self, host: str, port: int, exc: ssl.SSLCertVerificationError) -> str:
+        """What was wrong with a certificate, and which authorities it was held against."""
+        return (
+            f"the TLS certificate of {host}:{port} was refused: {exc.verify_message}; "
+            f"the authorities trusted are {self._trust}"
+        )
 
     def _discard(self, connection: _Connection) -> None:
         connection.close()

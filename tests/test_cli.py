@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
+from tlsserver import https_server
 from userdb import UserDb, write_config
 
 from cdc_sync import __version__
@@ -539,3 +541,27 @@ def test_sslmode_in_a_database_url_reaches_libpq(users: UserDb, tmp_path: Path) 
     assert demanding.returncode == 69
     assert "server does not support SSL" in demanding.stderr
     assert_no_traceback(demanding)
+
+
+def test_an_untrusted_certificate_exits_3_saying_what_failed(
+    users: UserDb, tmp_path: Path
+) -> None:
+    """A certificate the client refuses ends ``once`` with exit 3 and a configuration message."""
+    add_users_in_order(users, range(1, 4))
+    with https_server(trustme.CA()) as url:
+        config = write_config(
+            tmp_path / "config.yaml",
+            source_url=users.url,
+            state_url=f"sqlite:///{tmp_path}/state.db",
+            api_url=url,
+        )
+        assert cdc_sync(config, "migrate").returncode == 0
+
+        result = cdc_sync(config, "once", env=environ(SSL_CERT_FILE=None, SSL_CERT_DIR=None))
+
+    assert result.returncode == 3
+    said = "cannot reach EngageLab as configured: the TLS certificate of 127.0.0.1:"
+    assert said in result.stderr
+    assert "certifi's bundle" in result.stderr
+    assert "check engagelab.base_url" in result.stderr
+    assert_no_traceback(result)

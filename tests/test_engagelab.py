@@ -6,9 +6,12 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
+import trustme
+from tlsserver import https_server
 
 from cdc_sync.emulator import Emulator, EmulatorServer, Faults
 from cdc_sync.engagelab import (
+    CERTIFICATE_FIX,
     ApiResult,
     CodePolicy,
     EngageLabClient,
@@ -269,3 +272,19 @@ def test_the_client_loop_is_uvloop_where_it_exists() -> None:
         assert isinstance(loop, uvloop.Loop)
     finally:
         loop.close()
+
+
+def test_a_refused_certificate_is_fatal_and_says_how_to_fix_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An untrusted certificate stops the sync (FATAL), naming the CA bundle and the fix."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with https_server(trustme.CA()) as url, client(url, concurrency=1) as api:
+        results = api.push_all([Payload(100, {"email": "a@b.c"}), Payload(101, {"email": "d@e.f"})])
+
+    assert results[0] is not None and results[0].verdict is F
+    assert results[0].message.startswith("the TLS certificate of 127.0.0.1:")
+    assert "certifi's bundle" in results[0].message
+    assert CERTIFICATE_FIX in results[0].message
+    assert results[1] is None  # not sent: every request would be refused the same way

@@ -10,8 +10,10 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import certifi
 import httpx
 import pytest
 import trustme
@@ -398,8 +400,54 @@ def test_https_verifies_the_server_certificate(run: Any, authority: trustme.CA) 
             assert (await send(pool, post(server.url))).content == b'{"code":0}\n'
             await pool.aclose()
             stranger = Http1Transport(1, 5.0)  # the system's authorities: this CA is not one
-            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            with pytest.raises(transport.CertificateError, match="was refused"):
                 await send(stranger, post(server.url))
             await stranger.aclose()
 
     run(scenario())
+
+
+def refused_certificate(run: Any, served: ssl.SSLContext) -> str:
+    """The message of the error a default transport raises against a server using ``served``."""
+
+    async def scenario() -> str:
+        async with serving(answering(OK), tls=served) as server:
+            pool = Http1Transport(1, 5.0)
+            with pytest.raises(transport.CertificateError) as refused:
+                await send(pool, post(server.url))
+            await pool.aclose()
+            return str(refused.value)
+
+    return str(run(scenario()))
+
+
+def test_an_unknown_authority_is_a_certificate_error_naming_the_trusted_bundle(
+    run: Any, authority: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A certificate from an authority not trusted says so, and which bundle was trusted."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(served)
+
+    message = refused_certificate(run, served)
+
+    assert message.startswith("the TLS certificate of 127.0.0.1:")
+    assert "unable to get local issuer certificate" in message
+    assert f"the authorities trusted are certifi's bundle {certifi.where()}" in message
+
+
+def test_a_certificate_for_another_name_is_a_certificate_error(
+    run: Any, authority: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trusted certificate made out to another host is refused, naming SSL_CERT_FILE."""
+    bundle = tmp_path / "authorities.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("api.example.org").configure_cert(served)
+
+    message = refused_certificate(run, served)
+
+    assert "mismatch, certificate is not valid for '127.0.0.1'" in message
+    assert f"the authorities trusted are SSL_CERT_FILE={bundle}" in message
