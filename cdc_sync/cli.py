@@ -24,8 +24,9 @@ from cdc_sync import __version__, logs
 from cdc_sync.config import Settings, load_settings, resolve_config_path
 from cdc_sync.engagelab import CodePolicy, EngageLabClient, Verdict
 from cdc_sync.engine import Engine, EngineSettings
-from cdc_sync.errors import EX_CONFIG, EX_FATAL_API, EX_UNAVAILABLE, CdcSyncError
+from cdc_sync.errors import EX_CONFIG, EX_FATAL_API, EX_UNAVAILABLE, CdcSyncError, SetupError
 from cdc_sync.lock import EX_TEMPFAIL, InstanceLock
+from cdc_sync.proxies import Proxies
 from cdc_sync.report import render_check, render_status
 from cdc_sync.rules import Retry
 from cdc_sync.source import Source, SourceSpec
@@ -101,6 +102,19 @@ def source_spec(s: Settings) -> SourceSpec:
     )
 
 
+def client_proxies(s: Settings) -> Proxies:
+    """The proxies the client uses: engagelab.proxy, else HTTPS_PROXY / HTTP_PROXY / NO_PROXY."""
+    if s.engagelab.proxy is not None:
+        return Proxies.only(s.engagelab.proxy.get_secret_value())
+    try:
+        return Proxies.from_environment()
+    except ValueError as exc:  # the message names the variable, never its value
+        raise SetupError(
+            f"the proxy in the environment is unusable: {exc}",
+            "correct or unset the variable, or set engagelab.proxy",
+        ) from None
+
+
 def build_client(s: Settings) -> EngageLabClient:
     api = s.engagelab
     policy = CodePolicy(
@@ -116,6 +130,7 @@ def build_client(s: Settings) -> EngageLabClient:
         concurrency=api.concurrency,
         rate_limit=api.rate_limit,
         policy=policy,
+        proxies=client_proxies(s),
     )
 
 
@@ -191,7 +206,8 @@ def cmd_status(app: App, args: argparse.Namespace) -> int:
 def cmd_check(app: App, args: argparse.Namespace) -> int:
     app.source.open()
     current, head = app.state.schema_revision()
-    text, ok = render_check(app.settings, app.source, current, head)
+    route = client_proxies(app.settings).describe(app.settings.engagelab.base_url)
+    text, ok = render_check(app.settings, app.source, current, head, route)
     print(text)
     return 0 if ok else 69
 

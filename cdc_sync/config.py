@@ -42,6 +42,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from cdc_sync.errors import ConfigError
+from cdc_sync.proxies import Proxy
 
 CONFIG_ENV_VAR = "CDC_SYNC_CONFIG"
 DEFAULT_CONFIG_FILE = "config.yaml"
@@ -406,6 +407,16 @@ def _check_base_url(value: str) -> str:
     return value.strip().rstrip("/")
 
 
+def _proxy_ok(value: SecretStr | None) -> SecretStr | None:
+    """An http proxy URL; the message never quotes it, since it may hold a password."""
+    if value is not None:
+        try:
+            Proxy.parse(value.get_secret_value())
+        except ValueError as exc:
+            raise _invalid(str(exc)) from None
+    return value
+
+
 def _rate_limit(value: float | None) -> float | None:
     """Normalise the rate limit: 0 and null both mean "no limit", stored as None."""
     if value is None or value == 0:
@@ -434,6 +445,7 @@ class EngageLabSettings(BaseModel):
     )
     rate_limit_codes: tuple[Number, ...] = ()
     clear_empty: bool = False
+    proxy: Annotated[SecretStr | None, AfterValidator(_proxy_ok)] = None
 
     @model_validator(mode="after")
     def _check_codes(self) -> Self:
@@ -553,6 +565,8 @@ class Settings(BaseModel):
         data["engagelab"]["api_secret"] = "***"  # noqa: S105 - the mask, not a password
         data["source"]["url"] = mask_password(self.source.url)
         data["state"]["url"] = mask_password(self.state.url)
+        if self.engagelab.proxy is not None:  # host and port: Proxy never shows credentials
+            data["engagelab"]["proxy"] = str(Proxy.parse(self.engagelab.proxy.get_secret_value()))
         return data
 
 

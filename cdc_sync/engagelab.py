@@ -24,7 +24,8 @@ import httpx
 
 from cdc_sync.mapping import Payload
 from cdc_sync.pacing import Pacer, Signal
-from cdc_sync.transport import CertificateError, Http1Transport
+from cdc_sync.proxies import Proxies
+from cdc_sync.transport import CertificateError, Http1Transport, ProxyRefused
 
 T = TypeVar("T")
 
@@ -37,6 +38,10 @@ TRANSIENT_CODES = frozenset({-1})
 CERTIFICATE_FIX = (
     "check engagelab.base_url; if a proxy or firewall on the way re-signs TLS, set SSL_CERT_FILE "
     "to a bundle holding its authority"
+)
+PROXY_FIX = (
+    "check the proxy's user and password (engagelab.proxy, or HTTPS_PROXY / HTTP_PROXY) and that "
+    "it lets cdc-sync reach engagelab.base_url"
 )
 
 
@@ -176,6 +181,7 @@ class EngageLabClient:
         rate_limit: float | None = None,
         policy: CodePolicy = CodePolicy(),
         transport: httpx.AsyncBaseTransport | None = None,
+        proxies: Proxies | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = base_url.rstrip("/") + CONTACT_PATH
@@ -190,7 +196,7 @@ class EngageLabClient:
         # The transport is called directly, not through httpx.AsyncClient: the client's
         # machinery (auth flows, cookies, redirects, hooks) is unused here and measured at about
         # 0.4 ms of CPU per request, as much as everything else a push costs together.
-        self._transport = transport or Http1Transport(concurrency, timeout)
+        self._transport = transport or Http1Transport(concurrency, timeout, proxies=proxies)
         self._loop = new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="engagelab", daemon=True
@@ -276,6 +282,8 @@ class EngageLabClient:
             content = await response.aread()
         except CertificateError as exc:  # the same certificate is refused next time too
             return ApiResult(Verdict.FATAL, None, None, f"{exc}; {CERTIFICATE_FIX}")
+        except ProxyRefused as exc:  # and the proxy refuses every tunnel alike
+            return ApiResult(Verdict.FATAL, None, None, f"{exc}; {PROXY_FIX}")
         except httpx.TimeoutException:
             self.pacer.record(Signal.OVERLOADED)
             return ApiResult(Verdict.TRANSIENT, None, None, "request timed out")

@@ -118,7 +118,11 @@ def render_status(name: str, state: StateStore, *, limit: int = 10) -> str:
 
 
 def render_check(
-    settings: Settings, source: Source, current: str | None, head: str | None
+    settings: Settings,
+    source: Source,
+    current: str | None,
+    head: str | None,
+    route: str | None = None,
 ) -> tuple[str, bool]:
     """The report of ``cdc-sync check`` and whether everything needed to run is in place."""
     spec = source.spec
@@ -167,6 +171,8 @@ def render_check(
             f"need {head}; run `cdc-sync migrate`"
         )
     lines.append(f"engagelab  {settings.engagelab.base_url} (api key {settings.engagelab.api_key})")
+    if route is not None:
+        lines.append(f"proxy      {route}")
     return "\n".join(lines), ok
 
 

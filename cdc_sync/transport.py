@@ -9,8 +9,15 @@ a pool of sockets and the bytes of a request head. httpx stays the API (``httpx.
 ``httpx.Response`` out, ``httpx.MockTransport`` at the same seam in tests) and its exceptions
 say why a request failed, which the client records in the sync-status table.
 
-What it does not do, because the EngageLab client never needs it: proxies, redirects (callers
-see the 3xx), HTTP/2, request bodies sent in pieces, and answers to HEAD requests.
+Proxies (:mod:`cdc_sync.proxies` decides which, once per origin): an https origin is reached
+through a ``CONNECT`` tunnel, TLS started over it with ``loop.start_tls``, and a plain-http
+origin by sending the proxy absolute-form requests; a proxy URL's credentials go in
+``Proxy-Authorization``. A request to an origin no proxy carries costs nothing more than before.
+
+What it does not do, because the EngageLab client never needs it: redirects (callers see the
+3xx), HTTP/2, request bodies sent in pieces, answers to HEAD requests, and proxies spoken to over
+TLS (``https://`` proxies) or SOCKS: an HTTP proxy on the local network is what production hosts
+are given, and the tunnel keeps the API's own TLS end to end.
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ import os
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import cast
 
 import certifi
 import httptools
 import httpx
+
+from cdc_sync.proxies import Proxies, Proxy
 
 MAX_ANSWER = 1 << 20
 """Bytes of answer body accepted; an EngageLab answer is a few dozen."""
@@ -36,6 +46,11 @@ a connection the server is closing fails, so connections are retired well before
 
 _Origin = tuple[str, str, int]
 _Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+class ProxyRefused(httpx.ProxyError):
+    """The proxy refused to open a tunnel: its credentials are wrong (407) or it does not allow
+    the destination (403). Every further request would be refused the same way."""
 
 
 class CertificateError(httpx.ConnectError):
@@ -177,6 +192,46 @@ class _Connection(asyncio.Protocol):
             answer.set_exception(_Failed(kind, message, unanswered=unanswered))
 
 
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """How requests reach one origin: straight, through a proxy's tunnel, or handed to a proxy in
+    absolute form (``forward``: the header lines added to each such request)."""
+
+    proxy: Proxy | None = None
+    forward: bytes | None = None
+
+
+_DIRECT = _Route()
+
+
+class _Tunnel(asyncio.Protocol):
+    """A connection to a proxy until it answers ``CONNECT``; then TLS takes the socket over."""
+
+    def __init__(self, answered: asyncio.Future[None], proxy: Proxy, target: str) -> None:
+        self._answered = answered
+        self._proxy = proxy
+        self._target = target
+        self._head = b""
+
+    def data_received(self, data: bytes) -> None:
+        self._head += data
+        if b"\r\n\r\n" not in self._head or self._answered.done():
+            return
+        line = self._head.split(b"\r\n", 1)[0].decode("latin-1")
+        status = line.split(" ", 2)[1] if line.count(" ") >= 1 else ""
+        if status.isdigit() and 200 <= int(status) < 300:
+            self._answered.set_result(None)
+            return
+        said = f"proxy {self._proxy} answered CONNECT {self._target} with {line[:120]!r}"
+        kind = ProxyRefused if status in ("403", "407") else httpx.ProxyError
+        self._answered.set_exception(_Failed(kind, said))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._answered.done():
+            said = f"proxy {self._proxy} closed the connection before answering CONNECT"
+            self._answered.set_exception(_Failed(httpx.ProxyError, said))
+
+
 class Http1Transport(httpx.AsyncBaseTransport):
     """Sends httpx requests over at most ``connections`` keep-alive sockets.
 
@@ -192,6 +247,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         *,
         keepalive: float = KEEPALIVE,
         ssl_context: ssl.SSLContext | None = None,
+        proxies: Proxies | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._connections = connections
@@ -203,12 +259,15 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._slots: asyncio.Semaphore | None = None  # made on the loop that sends
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._open: set[_Connection] = set()
+        self._proxies = proxies or Proxies()  # none: every origin straight
+        self._routes: dict[_Origin, _Route] = {}  # decided at an origin's first request
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._connections)
-        data = _serialize(request, await request.aread())
         origin = _origin(request.url)
+        route = self._routes.get(origin) or self._route(origin)
+        data = _serialize(request, await request.aread(), route.forward)
         connected = False
         try:
             async with asyncio.timeout(self._timeout), self._slots:
@@ -263,18 +322,38 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 self._discard(connection)
         return await self._connect(origin), False
 
+    def _route(self, origin: _Origin) -> _Route:
+        """Decide once how requests reach ``origin``, and remember it."""
+        scheme, host, _ = origin
+        proxy = self._proxies.route(scheme, host)
+        if proxy is None:
+            route = _DIRECT
+        elif scheme == "https":
+            route = _Route(proxy)
+        else:
+            route = _Route(proxy, forward=proxy.header)
+        self._routes[origin] = route
+        return route
+
     async def _connect(self, origin: _Origin) -> _Connection:
         scheme, host, port = origin
+        proxy = self._routes[origin].proxy
         context = self._tls() if scheme == "https" else None
         loop = asyncio.get_running_loop()
         try:
-            _, connection = await loop.create_connection(
-                _Connection, host, port, ssl=context, server_hostname=host if context else None
-            )
+            if proxy is None:
+                _, connection = await loop.create_connection(
+                    _Connection, host, port, ssl=context, server_hostname=host if context else None
+                )
+            elif context is None:  # plain http: the proxy takes absolute-form requests
+                _, connection = await loop.create_connection(_Connection, proxy.host, proxy.port)
+            else:
+                connection = await _tunnel(proxy, host, port, context)
         except ssl.SSLCertVerificationError as exc:
             raise _Failed(CertificateError, self._refused(host, port, exc)) from exc
         except OSError as exc:  # refused, unreachable, DNS (gaierror), other TLS (SSLError)
-            raise _Failed(httpx.ConnectError, f"cannot connect: {exc}") from exc
+            via = f" through proxy {proxy}" if proxy else ""
+            raise _Failed(httpx.ConnectError, f"cannot connect{via}: {exc}") from exc
         self._open.add(connection)
         return connection
 
@@ -302,19 +381,49 @@ class Http1Transport(httpx.AsyncBaseTransport):
         await asyncio.sleep(0)  # let the transports close their sockets before the loop stops
 
 
+async def _tunnel(proxy: Proxy, host: str, port: int, context: ssl.SSLContext) -> _Connection:
+    """A TLS connection to ``host`` through a ``CONNECT`` tunnel that ``proxy`` opens."""
+    loop = asyncio.get_running_loop()
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    answered: asyncio.Future[None] = loop.create_future()
+    raw, _ = await loop.create_connection(
+        lambda: _Tunnel(answered, proxy, target), proxy.host, proxy.port
+    )
+    try:
+        authority = target.encode("ascii")
+        raw.write(
+            b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (authority, authority, proxy.header)
+        )
+        await answered
+        connection = _Connection()
+        tls = await loop.start_tls(raw, connection, context, server_hostname=host)
+    except BaseException:
+        raw.close()
+        raise
+    assert tls is not None  # None only when the transport was closing
+    connection.connection_made(tls)
+    return connection
+
+
 def _origin(url: httpx.URL) -> _Origin:
     port = url.port or (443 if url.scheme == "https" else 80)
     return url.scheme, url.host, port
 
 
-def _serialize(request: httpx.Request, body: bytes) -> bytes:
+def _serialize(request: httpx.Request, body: bytes, forward: bytes | None = None) -> bytes:
     """The request's head and body as they go on the wire.
 
     Host and Content-Length come from the URL and the body, unless the request has its own.
     A header with a line break in it is refused: it would smuggle in headers of its own.
+    ``forward``: the request goes to a proxy, in absolute form, with these header lines added.
     """
     url = request.url
-    lines = [b"%s %s HTTP/1.1\r\n" % (request.method.encode("ascii"), url.raw_path)]
+    target = url.raw_path
+    if forward is not None:
+        target = b"%s://%s%s" % (url.raw_scheme, url.netloc, url.raw_path)
+    lines = [b"%s %s HTTP/1.1\r\n" % (request.method.encode("ascii"), target)]
+    if forward:
+        lines.append(forward)
     names = set()
     for name, value in request.headers.raw:
         if b"\n" in value or b"\r" in value:

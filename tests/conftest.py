@@ -18,6 +18,7 @@ from typing import NoReturn
 
 import pytest
 from hypothesis import settings
+from tinyproxy import PROXY_USER, TinyProxy, tinyproxy
 from userdb import UserDb
 
 from cdc_sync.emulator import Emulator, EmulatorServer
@@ -36,9 +37,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.postgres)
 
 
-def _unavailable(error: Exception) -> NoReturn:
+def _unavailable(error: Exception, what: str = "PostgreSQL test server") -> NoReturn:
     """Skip a test that needs a server that cannot start; under CI, fail it instead."""
-    reason = f"PostgreSQL test server unavailable: {error}"
+    reason = f"{what} unavailable: {error}"
     if os.environ.get("CI", "").lower() in {"true", "1"}:
         pytest.fail(reason, pytrace=False)
     pytest.skip(reason)
@@ -114,6 +115,27 @@ def users(pg_database: str) -> Iterator[UserDb]:
     users = UserDb(pg_database)
     yield users
     users.dispose()
+
+
+def _proxy(directory: Path, auth: tuple[str, str] | None) -> Iterator[TinyProxy]:
+    with ExitStack() as cleanup:
+        try:
+            proxy = cleanup.enter_context(tinyproxy(directory, auth))
+        except OSError as error:
+            _unavailable(error, "tinyproxy (apt-get install tinyproxy)")
+        yield proxy
+
+
+@pytest.fixture
+def http_proxy(tmp_path: Path) -> Iterator[TinyProxy]:
+    """Debian's tinyproxy on a loopback port, open to all."""
+    yield from _proxy(tmp_path / "proxy", None)
+
+
+@pytest.fixture
+def authenticating_proxy(tmp_path: Path) -> Iterator[TinyProxy]:
+    """Debian's tinyproxy on a loopback port, asking for PROXY_USER (Basic)."""
+    yield from _proxy(tmp_path / "authenticating-proxy", PROXY_USER)
 
 
 # Speed is measured by benchmarks/, never asserted by tests: Hypothesis' per-example deadline is

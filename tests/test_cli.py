@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import trustme
 import yaml
+from tinyproxy import PROXY_USER, TinyProxy
 from tlsserver import https_server
 from userdb import UserDb, write_config
 
@@ -564,4 +566,62 @@ def test_an_untrusted_certificate_exits_3_saying_what_failed(
     assert said in result.stderr
     assert "certifi's bundle" in result.stderr
     assert "check engagelab.base_url" in result.stderr
+    assert_no_traceback(result)
+
+
+# -- egress through a proxy ---------------------------------------------------------------------
+
+
+def test_once_through_an_authenticating_proxy_never_shows_its_password(
+    users: UserDb, api: EmulatorServer, authenticating_proxy: TinyProxy, tmp_path: Path
+) -> None:
+    """engagelab.proxy with credentials carries the pushes; no output, log or check shows them."""
+    user, password = PROXY_USER
+    add_users_in_order(users, range(1, 4))
+    proxy = authenticating_proxy.url.replace("://", f"://{user}:{password}@")
+    config = write_config(
+        tmp_path / "config.yaml",
+        source_url=users.url,
+        state_url=f"sqlite:///{tmp_path}/state.db",
+        api_url=api.url,
+        engagelab={"proxy": "${PROXY}"},
+        logging={"level": "DEBUG", "format": "json"},
+    )
+    env = environ(PROXY=proxy)
+    assert cdc_sync(config, "migrate", env=env).returncode == 0
+
+    once = cdc_sync(config, "once", env=env)
+    check = cdc_sync(config, "check", env=env)
+
+    assert once.returncode == 0, once.stderr
+    assert api.emulator.stats()["accepted"] == 3
+    assert len(authenticating_proxy.requests()) == 3
+    route = f"{authenticating_proxy.url} (engagelab.proxy), absolute-form requests, with Proxy-"
+    assert f"proxy      {route}Authorization" in check.stdout, check.stdout
+    shown = once.stdout + once.stderr + check.stdout + check.stderr
+    assert password not in shown
+    assert base64.b64encode(f"{user}:{password}".encode()).decode() not in shown
+
+
+def test_an_unusable_proxy_is_a_config_error_that_does_not_quote_it(tmp_path: Path) -> None:
+    """A proxy URL cdc-sync cannot use exits 78 naming the key, and its password stays hidden."""
+    config = offline_config(tmp_path, engagelab={"proxy": "socks5://u:pr0xy-pa55word@p:1080"})
+
+    result = cdc_sync(config, "check")
+
+    assert result.returncode == 78
+    assert "engagelab.proxy: a proxy is reached over plain http, not socks5" in result.stderr
+    assert "pr0xy-pa55word" not in result.stderr
+    assert_no_traceback(result)
+
+
+def test_an_unusable_proxy_variable_exits_69_naming_it(sync: Sync) -> None:
+    """HTTPS_PROXY that cdc-sync cannot use stops ``once`` with a message naming the variable."""
+    env = environ(HTTPS_PROXY="socks5://u:pr0xy-pa55word@p:1080", https_proxy=None)
+
+    result = cdc_sync(sync.config, "once", env=env)
+
+    assert result.returncode == 69
+    assert "the proxy in the environment is unusable: HTTPS_PROXY:" in result.stderr
+    assert "pr0xy-pa55word" not in result.stderr
     assert_no_traceback(result)
