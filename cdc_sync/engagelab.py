@@ -99,7 +99,7 @@ def classify(
     delay = parse_retry_after(retry_after)
     code, message = _parse_body(body)
     if code is None:
-        if status in (401, 403):
+        if status in (401, 403, 407):  # 407: a proxy wants other credentials, every time
             return ApiResult(Verdict.FATAL, None, status, f"HTTP {status} without an API code")
         throttled = status == 429
         return ApiResult(

@@ -53,6 +53,7 @@ def body(code: object, message: str = "m") -> bytes:
         (429, body(99999), T, 99999),
         (401, b"<html>nope</html>", F, None),
         (403, b"", F, None),
+        (407, b"<html>proxy authentication required</html>", F, None),
         (503, b"<html>bad gateway</html>", T, None),
         (200, b"not json", T, None),
         (200, b"[1, 2]", T, None),

@@ -265,3 +265,13 @@ def test_the_tunnel_works_on_asyncios_own_loop_too(
 
     assert asyncio.run(scenario()) == 200
     assert http_proxy.requests() == [f"CONNECT {https_api.removeprefix('https://')} HTTP/1.1"]
+
+
+def test_plain_http_without_the_proxys_credentials_stops_the_sync(
+    authenticating_proxy: TinyProxy, api: EmulatorServer
+) -> None:
+    """A forwarded request answered 407 by the proxy is fatal, as a refused tunnel is."""
+    results = push(api.url, Proxies.only(authenticating_proxy.url))
+
+    assert [(result.verdict, result.status) for result in results] == [(Verdict.FATAL, 407)]
+    assert api.emulator.stats()["requests"] == 0
