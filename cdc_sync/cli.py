@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import importlib
 import os
 import signal
 import sys
@@ -264,6 +265,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def with_emulator(command: str, args: list[str]) -> int:
+    """Run ``emulator`` or ``demo``, which need the ``emulator`` extra (aiohttp, the emulator's
+    server); without it, say how to install it."""
+    try:
+        module = importlib.import_module(f"cdc_sync.{command}")
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.partition(".")[0] != "aiohttp":
+            raise
+        print(
+            f"cdc-sync: {command} needs the EngageLab emulator, which a plain install leaves out; "
+            "install it with: pip install 'cdc-sync[emulator]'",
+            file=sys.stderr,
+        )
+        return EX_UNAVAILABLE
+    run: Callable[[list[str]], int] = module.main
+    return run(args)
+
+
 def quiet_on_broken_pipe(command: Callable[..., int]) -> Callable[..., int]:
     """Exit :data:`EX_PIPE` without a traceback when stdout's reader has gone, as Unix tools do.
 
@@ -290,15 +309,8 @@ def quiet_on_broken_pipe(command: Callable[..., int]) -> Callable[..., int]:
 @quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # The emulator and the demo take their own arguments.
-    if argv and argv[0] == "emulator":
-        from cdc_sync import emulator
-
-        return emulator.main(argv[1:])
-    if argv and argv[0] == "demo":
-        from cdc_sync import demo
-
-        return demo.main(argv[1:])
+    if argv and argv[0] in ("emulator", "demo"):  # they take their own arguments
+        return with_emulator(argv[0], argv[1:])
     args = parser().parse_args(argv)
     try:
         settings = load_settings(resolve_config_path(args.config, os.environ), os.environ)
