@@ -173,12 +173,20 @@ class StateStore:
 
     def migrate(self, revision: str = "head") -> None:
         from alembic import command
+        from alembic.util import CommandError
 
-        with self._transaction() as connection:
-            moved = _take_back_shared_revision(connection)
-            if moved is not None:
-                command.stamp(alembic_config(connection), moved)
-            command.upgrade(alembic_config(connection), revision)
+        try:
+            with self._transaction() as connection:
+                moved = _take_back_shared_revision(connection)
+                if moved is not None:
+                    command.stamp(alembic_config(connection), moved)
+                command.upgrade(alembic_config(connection), revision)
+        except CommandError as exc:  # e.g. a revision of a newer cdc-sync's, unknown here
+            raise StateError(
+                f"the tracking database {self._where()} cannot be migrated: {exc}",
+                f"its {VERSION_TABLE} names a revision this cdc-sync does not ship "
+                f"(it knows {', '.join(REVISIONS)}): run the cdc-sync release that migrated it",
+            ) from None
 
     def downgrade(self, revision: str) -> None:
         from alembic import command

@@ -200,3 +200,16 @@ def test_revisions_are_alembics() -> None:
     walked = [script.revision for script in scripts.walk_revisions()]
 
     assert tuple(reversed(walked)) == REVISIONS
+
+
+def test_a_revision_from_a_newer_release_is_a_state_error(state_url: str) -> None:
+    """A version table naming a revision this release does not ship says so, with the fix."""
+    store = StateStore(state_engine(state_url), "s")
+    store.migrate()
+    with store.engine.begin() as connection:
+        connection.execute(text("UPDATE cdc_sync_alembic_version SET version_num = '0099'"))
+
+    with pytest.raises(StateError, match="cannot be migrated: Can't locate revision") as refused:
+        store.migrate()
+
+    assert "run the cdc-sync release that migrated it" in str(refused.value)
