@@ -758,3 +758,25 @@ def test_settings_built_in_code_anchor_at_cwd(tmp_path: Path, monkeypatch: Any) 
 
     assert settings.state.url == f"sqlite:///{tmp_path / 'cdc-sync-state.db'}"
     assert settings.config_path == Path("config.yaml")
+
+
+def test_the_proxy_password_never_appears_in_repr_or_redacted(tmp_path: Path) -> None:
+    """engagelab.proxy is kept as a secret; redacted() shows only its host and port."""
+    tree = changed(minimal(), "engagelab.proxy", "http://egress:proxy-pass-99@proxy.corp:3128")
+    settings = load(tmp_path, tree)
+
+    shown = [repr(settings), str(settings), repr(settings.engagelab), str(settings.redacted())]
+
+    assert all("proxy-pass-99" not in text for text in shown)
+    assert settings.redacted()["engagelab"]["proxy"] == "http://proxy.corp:3128"
+
+
+def test_an_unusable_proxy_is_refused_without_quoting_it(tmp_path: Path) -> None:
+    """A proxy URL cdc-sync cannot use is an error at engagelab.proxy that never quotes it."""
+    tree = changed(minimal(), "engagelab.proxy", "https://egress:proxy-pass-99@proxy.corp:3128")
+
+    error = failure(tmp_path, tree)
+
+    assert error.key == "engagelab.proxy"
+    assert "a proxy is reached over plain http, not https" in str(error)
+    assert "proxy-pass-99" not in str(error)
