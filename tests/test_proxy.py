@@ -275,3 +275,17 @@ def test_plain_http_without_the_proxys_credentials_stops_the_sync(
 
     assert [(result.verdict, result.status) for result in results] == [(Verdict.FATAL, 407)]
     assert api.emulator.stats()["requests"] == 0
+
+
+def test_a_certificate_refused_inside_the_tunnel_is_fatal(
+    monkeypatch: pytest.MonkeyPatch, http_proxy: TinyProxy, https_api: str
+) -> None:
+    """TLS inside a tunnel checks the API's certificate as a direct connection does."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+    results = push(https_api, Proxies.only(http_proxy.url))  # certifi's bundle: CA unknown
+
+    assert [result.verdict for result in results] == [Verdict.FATAL]
+    assert results[0].message.startswith("the TLS certificate of 127.0.0.1:")
+    assert "certifi's bundle" in results[0].message
