@@ -122,7 +122,7 @@ def _proxy(directory: Path, auth: tuple[str, str] | None) -> Iterator[TinyProxy]
         try:
             proxy = cleanup.enter_context(tinyproxy(directory, auth))
         except OSError as error:
-            _unavailable(error, "tinyproxy (apt-get install tinyproxy)")
+            _unavailable(error, "tinyproxy")
         yield proxy
 
 
