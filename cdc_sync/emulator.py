@@ -91,7 +91,10 @@ class Faults:
     answering. ``throttle_rps`` caps the rate (bucket of one second's worth, at least one request);
     the excess gets 429, with ``Retry-After: retry_after`` if set. ``fail_codes`` forces a code for
     chosen euids, ``auth_fail_code`` for every request. ``auth_status`` and ``error_status`` are the
-    HTTP statuses sent with fatal codes and with other business codes.
+    HTTP statuses sent with fatal codes and with other business codes. ``answers`` scripts the
+    whole answer for chosen euids: ``{euid: [status, body]}``, the body sent as it is, except that
+    ``{email}``, ``{mobile_phone}``, ... become the value received for that contact (escaped for
+    a JSON string), as an API that echoes what it refuses would.
     """
 
     latency: float = 0.0
@@ -102,6 +105,7 @@ class Faults:
     throttle_rps: float | None = None
     retry_after: int | None = None
     fail_codes: Mapping[int, int] = field(default_factory=dict)
+    answers: Mapping[int, tuple[int, str]] = field(default_factory=dict)
     auth_fail_code: int | None = None
     seed: int = 0
     auth_status: int = 401
@@ -132,6 +136,19 @@ class Faults:
             raise ValueError("fail_codes must map integer euids to integer codes") from exc
         # Read-only, so a Faults shared between threads cannot change under the server.
         object.__setattr__(self, "fail_codes", MappingProxyType(codes))
+        if not isinstance(self.answers, Mapping):
+            raise ValueError("answers must map euid to [status, body]")
+        answers = {}
+        for euid, answer in self.answers.items():
+            try:
+                status, body = answer
+            except (TypeError, ValueError) as exc:
+                raise ValueError("answers must map euid to [status, body]") from exc
+            _check_int("answer status", status, 100, 599)
+            if not isinstance(body, str):
+                raise ValueError("an answer's body must be a string")
+            answers[int(euid)] = (status, body)
+        object.__setattr__(self, "answers", MappingProxyType(answers))
 
     @classmethod
     def from_json(cls, data: object) -> Faults:
@@ -147,6 +164,7 @@ class Faults:
         """Return the settings as a JSON-ready dict (the inverse of :meth:`from_json`)."""
         settings = {f.name: getattr(self, f.name) for f in fields(self)}
         settings["fail_codes"] = {str(euid): code for euid, code in self.fail_codes.items()}
+        settings["answers"] = {str(euid): list(answer) for euid, answer in self.answers.items()}
         return settings
 
 
@@ -301,6 +319,13 @@ def is_authorized(header: str | None, credentials: bytes) -> bool:
 def _message(code: int) -> str:
     """Return the message EngageLab would send with a code the emulator is told to force."""
     return MESSAGES.get(code, f"error {code} forced by the emulator")
+
+
+def scripted_body(body: str, contacts: Mapping[str, str]) -> str:
+    """A scripted answer's body with ``{email}`` and the like replaced by the values received."""
+    for key in CONTACT_KEYS:
+        body = body.replace("{" + key + "}", json.dumps(contacts.get(key, ""))[1:-1])
+    return body
 
 
 def _answer(code: int, message: str, status: int) -> web.Response:
@@ -462,6 +487,11 @@ class Emulator:
         parsed = parse_contact_request(await request.read())
         if isinstance(parsed, Rejection):
             return self._reject(parsed, faults)
+        scripted = faults.answers.get(parsed.euid)
+        if scripted is not None:
+            status, body = scripted
+            text = scripted_body(body, parsed.contacts)
+            return web.Response(status=status, text=text, content_type="application/json")
         with self._lock:
             forced = faults.fail_codes.get(parsed.euid)
             if forced is not None:

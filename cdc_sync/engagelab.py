@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import httpx
@@ -25,6 +26,7 @@ import httpx
 from cdc_sync.mapping import Payload
 from cdc_sync.pacing import Pacer, Signal
 from cdc_sync.proxies import Proxies
+from cdc_sync.redact import REPLY_LIMIT, redact
 from cdc_sync.transport import CertificateError, Http1Transport, ProxyRefused
 
 T = TypeVar("T")
@@ -34,6 +36,8 @@ CONTACT_PATH = "/v1/user/contact"
 FATAL_CODES = frozenset({40050, 50031, 50034, 50074})
 PERMANENT_CODES = frozenset({40007, 55004, 55014, 55101, 55102, 55103, 55105, 55106, 55107, 55108})
 TRANSIENT_CODES = frozenset({-1})
+# Seconds: a Retry-After beyond this (about 31 years) means the same, and stays a finite float.
+RETRY_AFTER_LIMIT = 1e9
 
 CERTIFICATE_FIX = (
     "check engagelab.base_url; if a proxy or firewall on the way re-signs TLS, set SSL_CERT_FILE "
@@ -94,10 +98,17 @@ def classify(
     body: bytes,
     retry_after: str | None = None,
     policy: CodePolicy = CodePolicy(),
+    contacts: Mapping[str, str] = MappingProxyType({}),
 ) -> ApiResult:
-    """Classify one HTTP answer: the body's ``code`` decides first, the HTTP status second."""
+    """Classify one HTTP answer: the body's ``code`` decides first, the HTTP status second.
+
+    Any body and header are classified, never raised on. The answer's message is redacted of
+    ``contacts`` (the values sent) and of anything else shaped like personal data, then cut and
+    cleaned (:mod:`cdc_sync.redact`), so it is safe to store, print and log as it is.
+    """
     delay = parse_retry_after(retry_after)
     code, message = _parse_body(body)
+    message = redact(message, contacts)
     if code is None:
         if status in (401, 403, 407):  # 407: a proxy wants other credentials, every time
             return ApiResult(Verdict.FATAL, None, status, f"HTTP {status} without an API code")
@@ -136,20 +147,27 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():  # isdigit() alone takes "²", which float() refuses
+        return min(float(value), RETRY_AFTER_LIMIT)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    if when.tzinfo is None:  # "-0000": a time in UTC, zone unknown (RFC 5322)
+        when = when.replace(tzinfo=UTC)
     now = now or datetime.now(UTC)
     return max(0.0, (when - now).total_seconds())
 
 
 def _parse_body(body: bytes) -> tuple[int | None, str]:
+    """The API code and message of a body, or (None, "") for a body that is not an API answer.
+
+    ValueError covers text that is not JSON or not UTF-8 and integers of more than 4300
+    digits; RecursionError, JSON nested deeper than the parser goes.
+    """
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return None, ""
     if not isinstance(data, dict):
         return None, ""
@@ -157,7 +175,7 @@ def _parse_body(body: bytes) -> tuple[int | None, str]:
     if not isinstance(code, int) or isinstance(code, bool):
         return None, ""
     message = data.get("message")
-    return code, (message if isinstance(message, str) else "")[:200]
+    return code, (message if isinstance(message, str) else "")[:REPLY_LIMIT]
 
 
 class EngageLabClient:
@@ -293,7 +311,11 @@ class EngageLabClient:
                 Verdict.TRANSIENT, None, None, f"connection failed: {type(exc).__name__}"
             )
         result = classify(
-            response.status_code, content, response.headers.get("retry-after"), self.policy
+            response.status_code,
+            content,
+            response.headers.get("retry-after"),
+            self.policy,
+            payload.contacts,
         )
         self.pacer.record(_signal(result))
         if result.retry_after:

@@ -7,7 +7,10 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tlsserver import https_server
+from values import any_text, emails, phones
 
 from cdc_sync.emulator import Emulator, EmulatorServer, Faults
 from cdc_sync.engagelab import (
@@ -21,6 +24,7 @@ from cdc_sync.engagelab import (
     parse_retry_after,
 )
 from cdc_sync.mapping import Payload
+from cdc_sync.redact import MESSAGE_LIMIT
 
 T, P, F, S = Verdict.TRANSIENT, Verdict.PERMANENT, Verdict.FATAL, Verdict.SUCCESS
 
@@ -102,6 +106,10 @@ def test_429_is_throttling_with_retry_after() -> None:
         ("soon", None),
         ("Sat, 28 Nov 2026 12:00:30 GMT", 30.0),
         ("Sat, 28 Nov 2026 11:00:00 GMT", 0.0),
+        ("Sat, 28 Nov 2026 12:00:30 -0000", 30.0),  # a zone-less date: once a TypeError
+        ("\u00b2", None),  # a digit to str.isdigit(), not to float(): once a ValueError
+        ("9" * 400, 1e9),  # once float("inf")
+        ("Sat, 28 Nov 99999 12:00:30 GMT", None),
     ],
 )
 def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
@@ -112,6 +120,110 @@ def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
 def test_message_is_truncated() -> None:
     """An API message is kept short enough to store."""
     assert len(classify(400, body(55004, "x" * 1000)).message) == 200
+
+
+@pytest.mark.parametrize(
+    ("message", "kept"),
+    [
+        ("bad\u0000value", "bad\ufffdvalue"),  # PostgreSQL text cannot hold a NUL
+        ("bad\ud800value", "bad\ufffdvalue"),  # an unpaired surrogate is not UTF-8
+        ("two\nlines\tand\x1b[31mred", "two lines and\ufffd[31mred"),
+        ("caf\u00e9 \U0001f600 ok", "caf\u00e9 \U0001f600 ok"),
+    ],
+)
+def test_message_is_cleaned_of_what_storage_or_a_terminal_refuses(message: str, kept: str) -> None:
+    """NULs, unpaired surrogates and control characters in an answer's message are replaced."""
+    assert classify(400, body(55004, message)).message == kept
+
+
+def test_message_is_redacted_of_the_values_sent_and_anything_like_them() -> None:
+    """The user's own contact values become their key's name; other addresses and long digit
+    runs are masked, whatever their case."""
+    sent = {"email": "Alice@Example.com", "mobile_phone": "+8613900000001"}
+    message = "invalid contact value: alice@example.com, +8613900000001, bob@x.org, 8613900000002"
+
+    result = classify(400, body(55004, message), contacts=sent)
+
+    assert result.message == "invalid contact value: <email>, <mobile_phone>, <email>, <number>"
+
+
+def test_a_redacted_value_straddling_the_cut_leaves_nothing_behind() -> None:
+    """Redaction happens before the message is cut, so no part of a value survives the cut."""
+    sent = {"email": "someone.long@example.com"}
+
+    result = classify(400, body(55004, "x" * 190 + sent["email"]), contacts=sent)
+
+    assert result.message == "x" * 190 + "<email>"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"[" * 100_000, b'{"code": 1' + b"0" * 5000 + b"}", b"\xff\xfe\x00", b'{"code": 1e999}'],
+    ids=["nested beyond recursion", "5000-digit code", "not UTF-8", "infinite code"],
+)
+def test_bodies_that_break_a_json_parser_are_not_answers(raw: bytes) -> None:
+    """A body the JSON parser chokes on is a transient non-answer, never an exception."""
+    result = classify(400, raw)
+
+    assert (result.verdict, result.code) == (T, None)
+
+
+@pytest.mark.parametrize("code", [3_000_000_000, 10**20, -(2**40)])
+def test_codes_beyond_32_bits_are_classified_as_they_are(code: int) -> None:
+    """A code no 32-bit column holds is still classified, by its real value (the status table
+    stores it elsewhere, see rules.stored_answer)."""
+    result = classify(400, body(code))
+
+    assert (result.verdict, result.code) == (P, code)
+
+
+json_bodies = st.builds(
+    lambda code, message: json.dumps({"code": code, "message": message}).encode(),
+    st.one_of(st.integers(), st.floats(), st.text(max_size=5), st.none(), st.booleans()),
+    st.one_of(any_text, st.text(min_size=900, max_size=1200), st.integers(), st.none()),
+)
+
+
+@settings(max_examples=300)
+@given(
+    status=st.integers(min_value=100, max_value=599),
+    raw=st.one_of(st.binary(max_size=64), json_bodies),
+    retry_after=st.one_of(st.none(), any_text, st.integers(min_value=0).map(str)),
+    unknown=st.sampled_from([T, P]),
+)
+def test_any_answer_is_classified_into_storable_values(
+    status: int, raw: bytes, retry_after: str | None, unknown: Verdict
+) -> None:
+    """Whatever status, body and Retry-After come back, classify returns one verdict, a bounded
+    clean message and a finite wait, and raises nothing."""
+    result = classify(status, raw, retry_after, CodePolicy(unknown=unknown))
+
+    assert result.verdict in set(Verdict)
+    assert len(result.message) <= MESSAGE_LIMIT
+    assert "\x00" not in result.message and "\n" not in result.message
+    result.message.encode()  # no unpaired surrogate
+    assert result.retry_after is None or 0 <= result.retry_after <= 1e9
+
+
+@settings(max_examples=200)
+@given(
+    email=emails,
+    phone=phones,
+    before=any_text,
+    after=any_text,
+    upper=st.booleans(),
+)
+def test_no_answer_echoes_a_value_sent(
+    email: str, phone: str, before: str, after: str, upper: bool
+) -> None:
+    """An answer quoting the values sent, in any case and amid any text, keeps none of them."""
+    echoed = f"{before}{email.upper() if upper else email} / {phone}{after}"
+
+    message = classify(400, body(55004, echoed), contacts={"email": email, "mobile_phone": phone})
+    text = message.message.casefold()
+
+    assert email.casefold() not in text
+    assert phone not in text
 
 
 @pytest.fixture
@@ -207,6 +319,19 @@ def test_unreachable_server_is_transient() -> None:
 
     assert result is not None and result.verdict is T
     assert result.message.startswith("connection failed")
+
+
+def test_an_answer_echoing_the_payload_is_redacted(
+    server: EmulatorServer, emulator: Emulator
+) -> None:
+    """Over HTTP, an API error quoting the contact values sent comes back without them."""
+    echo = '{"code": 55004, "message": "invalid contact value: {email} ({mobile_phone})"}'
+    emulator.set_faults(Faults(answers={100: (400, echo)}))
+
+    with client(server.url) as api:
+        [result] = api.push_all([Payload(100, {"email": "a@b.cd", "mobile_phone": "+81901"})])
+
+    assert result == ApiResult(P, 55004, 400, "invalid contact value: <email> (<mobile_phone>)")
 
 
 def recording(order: list[int], gate: asyncio.Event | None = None) -> httpx.MockTransport:
