@@ -256,15 +256,16 @@ class _Cycle:
                 return
             seen.update(keys)
             rows = e.source.read_keys([e.source.key_from_text(k) for k in keys])
-            self.finish(self.send(rows, retrying=True), retrying=True)
-            self.forget_vanished(set(keys) - {str(r.key) for r in rows})
+            batch = self.send(rows, retrying=True)
+            self.finish(batch, retrying=True)
+            self.forget_vanished(set(keys) - set(batch.keys))
 
     def send(self, rows: Sequence[SourceRow], *, retrying: bool) -> _Batch:
         """Map and compare a page (one state query), and submit the pushes it needs."""
         e = self.engine
         now = e.clock()
         mapped = [map_row(row, salt=e.settings.name, clear=e.settings.clear) for row in rows]
-        keys = [str(row.key) for row in rows]
+        keys = [m.key for m in mapped]
         records = e.state.records(keys)
         actions = [
             decide(m, records.get(k), now, retrying=retrying)
@@ -348,11 +349,8 @@ class _Cycle:
             after = rows[-1].key if len(rows) == size else None  # a short page: wrap around
             judged = [r for r in rows if settled(r)]
             mapped = [map_row(r, salt=e.settings.name, clear=e.settings.clear) for r in judged]
-            keys = [str(r.key) for r in judged]
-            records = e.state.records(keys)
-            out = [
-                (k, m.euid) for k, m in zip(keys, mapped, strict=True) if missed(m, records.get(k))
-            ]
+            records = e.state.records([m.key for m in mapped])
+            out = [(m.key, m.euid) for m in mapped if missed(m, records.get(m.key))]
             now = e.clock()
             e.state.requeue([k for k, _ in out], [euid for _, euid in out], now, after)
             if out:
@@ -374,7 +372,7 @@ class _Cycle:
         updates = []
         for key, record in records.items():
             # An empty hash matches no payload, so the row is pushed if it ever comes back.
-            mapped = Mapped(SourceRow(key, None, None, {}), _VANISHED, "")
+            mapped = Mapped(SourceRow(key, None, None, {}), _VANISHED, "", key)
             update = settle(key, mapped, Action.SKIP, record, None, now, e.settings.retry)
             assert update is not None
             updates.append(update)

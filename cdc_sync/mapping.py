@@ -8,13 +8,19 @@ an API call, whether it was pushed or skipped last time.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from cdc_sync.redact import digits, redact, storable
+
 CONTACT_KEYS = ("email", "mobile_phone", "landline_phone", "whatsapp_phone")
 EUID_MAX = 2**63 - 1  # EngageLab's euid is a Java Long
+KEY_LIMIT = 256  # characters of cdc_sync_status.source_key
+NUMBER_LIMIT = 10**30  # a number sent as a contact has fewer digits than this (E.164: 15)
+EXACT_FLOAT = 2**53  # above this a double no longer holds every integer exactly
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,20 +51,25 @@ class Skip:
 
     ``clears`` is the payload that empties every contact, when clearing is on and the euid is
     valid: sent only if EngageLab holds something for the user (see :func:`rules.decide`).
+    ``key_refused``: the source key cannot be held by the status table as it is, so the row is
+    recorded under the key's digest (see :func:`status_key`) and can never be read back by key.
     """
 
     reason: str
     euid: int | None = None
     clears: Payload | None = None
+    key_refused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Mapped:
-    """The result of mapping one row: a payload or a skip, and the hash of what was mapped."""
+    """The result of mapping one row: a payload or a skip, the hash of what was mapped, and the
+    key as the status table holds it."""
 
     row: SourceRow
     result: Payload | Skip
     hash: str
+    key: str
 
     @property
     def euid(self) -> int | None:
@@ -73,37 +84,124 @@ def parse_euid(raw: Any) -> int | str:
         return f"euid {_short(raw)} is not an integer"
     if isinstance(raw, int):
         value = raw
-    elif isinstance(raw, Decimal | float):
-        if raw != raw or raw % 1 != 0:  # NaN or fractional
+    elif isinstance(raw, float):
+        if not raw.is_integer():  # NaN, infinite or fractional
             return f"euid {_short(raw)} is not an integer"
+        value = int(raw)
+    elif isinstance(raw, Decimal):
+        # In this order: comparing a signalling NaN raises, and so does int() of an infinity.
+        if not raw.is_finite() or raw != raw.to_integral_value():
+            return f"euid {_short(raw)} is not an integer"
+        if raw.adjusted() >= 19:
+            return f"euid {_short(raw)} does not fit in 64 bits"
         value = int(raw)
     elif isinstance(raw, str):
         text = raw.strip()
         if not text:
             return "euid is empty"
-        if not (text.isascii() and text.lstrip("+-").isdigit()):
+        unsigned = text[1:] if text[0] in "+-" else text
+        if not (unsigned.isascii() and unsigned.isdigit()):
             return f"euid {_short(raw)} is not an integer"
+        if len(unsigned.lstrip("0")) > 19:
+            return f"euid {_short(raw)} does not fit in 64 bits"
         value = int(text)
     else:
         return f"euid of type {type(raw).__name__} is not an integer"
     if value <= 0:
-        return f"euid {value} is not positive"
+        return f"euid {digits(value)} is not positive"
     if value > EUID_MAX:
-        return f"euid {value} does not fit in 64 bits"
+        return f"euid {digits(value)} does not fit in 64 bits"
     return value
 
 
-def clean_contacts(raw: Mapping[str, Any]) -> dict[str, str]:
-    """Contact values trimmed, with NULL and empty values left out (keys in a stable order)."""
+def clean_contacts(raw: Mapping[str, Any]) -> tuple[dict[str, str], str | None]:
+    """Contact values as the text EngageLab is sent: trimmed, with NULL and empty values left
+    out (keys in a stable order); and why the row cannot be sent, if a value makes no sense as
+    a contact. Reasons name the contact, never its value."""
     cleaned: dict[str, str] = {}
     for key in sorted(raw):
         value = raw[key]
         if value is None:
             continue
-        text = (value if isinstance(value, str) else str(value)).strip()
+        if isinstance(value, str):  # the common case: kept to a strip and a C-speed check
+            text = value.strip()
+            problem = None if text.isprintable() else _text_problem(key, text)
+        else:
+            text, problem = _contact_text(key, value)
+        if problem is not None:
+            return cleaned, problem
         if text:
             cleaned[key] = text
-    return cleaned
+    return cleaned, None
+
+
+def _contact_text(key: str, value: Any) -> tuple[str, str | None]:
+    """A contact value that is not a ``str``, as text; or why it is refused.
+
+    Whole numbers are sent as integers (a phone in a ``double precision`` or ``numeric``
+    column is ``8613900000001``, not ``8613900000001.0``). Anything else PostgreSQL can return
+    for a column (booleans, dates, UUIDs, JSON, arrays, ...) is no contact value.
+    """
+    if isinstance(value, bool):
+        return "", f"contact {key} is a boolean, not text or a number"
+    if isinstance(value, int):
+        if not -NUMBER_LIMIT < value < NUMBER_LIMIT:
+            return "", f"contact {key} is a number of more than 30 digits"
+        return str(value), None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "", f"contact {key} is not a finite number"
+        if not value.is_integer():
+            return "", f"contact {key} is a fractional number"
+        if abs(value) > EXACT_FLOAT:
+            return "", f"contact {key} is a floating-point number too large to be exact"
+        return str(int(value)), None
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            return "", f"contact {key} is not a finite number"
+        if value.adjusted() >= 30:
+            return "", f"contact {key} is a number of more than 30 digits"
+        if value != value.to_integral_value():
+            return "", f"contact {key} is a fractional number"
+        return str(int(value)), None
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            text = bytes(value).decode()
+        except UnicodeDecodeError:
+            return "", f"contact {key} is not valid UTF-8 text"
+        text = text.strip()
+        return text, None if text.isprintable() else _text_problem(key, text)
+    return "", f"contact {key} is of type {type(value).__name__}, not text or a number"
+
+
+def _text_problem(key: str, text: str) -> str | None:
+    """Why a text value cannot be sent (asked only of text that is not all printable)."""
+    if "\x00" in text:
+        return f"contact {key} holds a NUL character"
+    if not storable(text):  # a SQLite source's bytes that are not UTF-8 (see source.py)
+        return f"contact {key} is not valid UTF-8 text"
+    return None
+
+
+def status_key(key: Any) -> tuple[str, str | None]:
+    """The source key as text for the status table, and why it cannot be stored as it is.
+
+    A key longer than the column, or holding a NUL or text that is not UTF-8, is replaced by
+    ``sha256:<hex digest>`` of its text, and its row is refused with the reason: the status row
+    still records the outcome, so the watermark may pass it.
+    """
+    try:
+        text = key if isinstance(key, str) else str(key)
+    except ValueError:  # an integer too long for Python to format
+        text = f"<{type(key).__name__}>"
+    if len(text) <= KEY_LIMIT and (text.isprintable() or storable(text)):
+        return text, None
+    digest = "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    if len(text) > KEY_LIMIT:
+        problem = f"the source key is {len(text)} characters long, more than {KEY_LIMIT}"
+    else:
+        problem = "the source key holds a NUL character or text that is not UTF-8"
+    return digest, f"{problem}: recorded under its SHA-256 digest, not pushed"
 
 
 def map_row(row: SourceRow, *, salt: str, clear: bool = False) -> Mapped:
@@ -111,15 +209,23 @@ def map_row(row: SourceRow, *, salt: str, clear: bool = False) -> Mapped:
 
     With ``clear`` a contact whose column is NULL or empty is sent as ``""``, which empties it
     in EngageLab; without it, it is left out and EngageLab keeps what it had (patch semantics).
+    Never raises: a value that cannot be sent is the row's skip reason.
     """
-    contacts = clean_contacts(row.contacts)
+    key, key_problem = status_key(row.key)
+    contacts, problem = clean_contacts(row.contacts)
     euid = parse_euid(row.euid)
     if clear:
         contacts = {key: contacts.get(key, "") for key in sorted(row.contacts)}
     result: Payload | Skip
-    if isinstance(euid, str):
+    if key_problem is not None:
+        result = Skip(key_problem, None if isinstance(euid, str) else euid, key_refused=True)
+        hashed_euid: int | str = "invalid key"
+    elif isinstance(euid, str):
         result = Skip(euid)
-        hashed_euid: int | str = f"invalid:{row.euid!r}"
+        hashed_euid = f"invalid:{_repr(row.euid)}"
+    elif problem is not None:
+        result = Skip(problem, euid)
+        hashed_euid = f"invalid:{euid}:{problem}"
     elif not any(contacts.values()):
         clears = Payload(euid, contacts) if contacts else None
         result = Skip("no contact values", euid, clears)
@@ -127,7 +233,7 @@ def map_row(row: SourceRow, *, salt: str, clear: bool = False) -> Mapped:
     else:
         result = Payload(euid, contacts)
         hashed_euid = euid
-    return Mapped(row, result, payload_hash(salt, hashed_euid, contacts))
+    return Mapped(row, result, payload_hash(salt, hashed_euid, contacts), key)
 
 
 def payload_hash(salt: str, euid: int | str, contacts: Mapping[str, str]) -> str:
@@ -135,12 +241,24 @@ def payload_hash(salt: str, euid: int | str, contacts: Mapping[str, str]) -> str
 
     The canonical form is the ``repr`` of a tuple of strings and integers with the contacts
     sorted: unambiguous (quotes and escapes are repr's), and built in C, at a third of the cost
-    of a sorted JSON dump on a hot path that runs for every row read.
+    of a sorted JSON dump on a hot path that runs for every row read. (repr escapes unpaired
+    surrogates, so the text always encodes.)
     """
     canonical = repr((salt, euid, tuple(sorted(contacts.items()))))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _repr(value: Any) -> str:
+    """``repr`` that cannot fail (an integer of more than 4300 digits, an odd object)."""
+    try:
+        return repr(value)
+    except Exception:  # whatever a value's repr does, the row is only skipped
+        return f"<{type(value).__name__}>"
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    """A value for a reason: its repr (every unprintable character escaped), at most 40
+    characters, masked (see :func:`redact.redact`) if it looks like an e-mail address."""
+    text = _repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return redact(text, {}) if "@" in text else text

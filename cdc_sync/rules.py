@@ -18,6 +18,9 @@ from typing import Any
 
 from cdc_sync.engagelab import ApiResult, Verdict
 from cdc_sync.mapping import Mapped, Skip
+from cdc_sync.redact import clean, digits
+
+CODE_MIN, CODE_MAX = -(2**31), 2**31 - 1  # the range of cdc_sync_status.last_code
 
 
 class Status(StrEnum):
@@ -135,9 +138,8 @@ def settle(
         return None
     if action is Action.SKIP:
         assert isinstance(mapped.result, Skip)
-        return Update(
-            key, euid, Status.SKIPPED, pushed, h, 0, None, mapped.result.reason, None, None, None
-        )
+        reason = clean(mapped.result.reason)
+        return Update(key, euid, Status.SKIPPED, pushed, h, 0, None, reason, None, None, None)
     if action is Action.CONFIRM:
         return Update(
             key,
@@ -155,32 +157,36 @@ def settle(
     if result is None or result.verdict is Verdict.FATAL:
         return None  # not this user's doing: read the row again once the sync may proceed
     prior = record.attempts if record and record.attempted_hash == h else 0
-    message = result.message or result.verdict.value
+    code, message = stored_answer(result)
     if result.verdict is Verdict.SUCCESS:
-        return Update(key, euid, Status.SYNCED, h, h, 0, result.code, message, now, now, None)
+        return Update(key, euid, Status.SYNCED, h, h, 0, code, message, now, now, None)
     attempts = prior + 1
     if result.verdict is Verdict.TRANSIENT and attempts < policy.max_attempts:
         delay = backoff(attempts, policy, jitter)
-        if result.retry_after is not None:
-            delay = max(delay, timedelta(seconds=result.retry_after))
+        if result.retry_after is not None:  # honoured up to retry.max, the longest wait
+            wait = min(result.retry_after, policy.cap.total_seconds())
+            delay = max(delay, timedelta(seconds=wait))
         return Update(
-            key,
-            euid,
-            Status.RETRYING,
-            pushed,
-            h,
-            attempts,
-            result.code,
-            message,
-            now,
-            None,
-            now + delay,
+            key, euid, Status.RETRYING, pushed, h, attempts, code, message, now, None, now + delay
         )
     if result.verdict is Verdict.TRANSIENT:
-        message = f"gave up after {attempts} attempts: {message}"
-    return Update(
-        key, euid, Status.FAILED, pushed, h, attempts, result.code, message, now, None, None
-    )
+        message = clean(f"gave up after {attempts} attempts: {message}")
+    return Update(key, euid, Status.FAILED, pushed, h, attempts, code, message, now, None, None)
+
+
+def stored_answer(result: ApiResult) -> tuple[int | None, str]:
+    """An answer's code and message as the status table stores them.
+
+    ``last_code`` is a 32-bit column: a code outside its range is stored as NULL and written
+    at the head of the message instead (``code 3000000000: ...``), never clamped to a value
+    that could be mistaken for a real code. The message is cut and cleaned (it normally is
+    already: :func:`~cdc_sync.engagelab.classify` redacts and cleans what it returns).
+    """
+    message = result.message or result.verdict.value
+    code = result.code
+    if code is not None and not CODE_MIN <= code <= CODE_MAX:
+        message, code = f"code {digits(code)}: {message}", None
+    return code, clean(message)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -219,6 +225,9 @@ def missed(mapped: Mapped, record: Record | None) -> bool:
     """Whether the audit should re-queue a user the poller is done with.
 
     In step means: EngageLab holds this payload (``pushed_hash``), or its outcome is recorded or
-    pending (``attempted_hash``: retrying, failed, or skipped for this very content).
+    pending (``attempted_hash``: retrying, failed, or skipped for this very content). A row
+    whose key the status table cannot hold is never re-queued: it could not be read back by key.
     """
+    if isinstance(mapped.result, Skip) and mapped.result.key_refused:
+        return False
     return record is None or mapped.hash not in (record.pushed_hash, record.attempted_hash)

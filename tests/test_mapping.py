@@ -1,12 +1,27 @@
 """Row → payload mapping and the payload hash."""
 
+import json
+import uuid
+from datetime import date
 from decimal import Decimal
+from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from values import column_value
 
-from cdc_sync.mapping import Payload, Skip, SourceRow, clean_contacts, map_row, parse_euid
+from cdc_sync.mapping import (
+    EUID_MAX,
+    KEY_LIMIT,
+    Payload,
+    Skip,
+    SourceRow,
+    clean_contacts,
+    map_row,
+    parse_euid,
+)
+from cdc_sync.redact import MESSAGE_LIMIT, storable
 
 
 def row(euid: object = 42, **contacts: object) -> SourceRow:
@@ -36,6 +51,18 @@ def row(euid: object = 42, **contacts: object) -> SourceRow:
         (2**63, f"euid {2**63} does not fit in 64 bits"),
         (b"12", "euid of type bytes is not an integer"),
         ("\uff11\uff12", "euid '\uff11\uff12' is not an integer"),  # full-width digits
+        ("+-5", "euid '+-5' is not an integer"),  # once int()'s ValueError
+        ("-+5", "euid '-+5' is not an integer"),
+        ("9" * 5000, f"euid '{'9' * 36}... does not fit in 64 bits"),  # int() refuses 4300+
+        (Decimal("1e30"), "euid Decimal('1E+30') does not fit in 64 bits"),  # once InvalidOperation
+        (Decimal("Infinity"), "euid Decimal('Infinity') is not an integer"),
+        (Decimal("-Infinity"), "euid Decimal('-Infinity') is not an integer"),
+        (Decimal("sNaN"), "euid Decimal('sNaN') is not an integer"),
+        (Decimal("1E+100000"), "euid Decimal('1E+100000') does not fit in 64 bits"),
+        (Decimal("42.000"), 42),
+        (float("inf"), "euid inf is not an integer"),
+        (1e30, "euid of more than 30 digits does not fit in 64 bits"),
+        ("alice@example.com", "euid '<email>' is not an integer"),  # a contact in the wrong column
     ],
 )
 def test_parse_euid(raw: object, expected: object) -> None:
@@ -54,7 +81,7 @@ def test_contacts_are_trimmed_and_empty_values_dropped() -> None:
         }
     )
 
-    assert cleaned == {"email": "a@b.c", "whatsapp_phone": "819012345678"}
+    assert cleaned == ({"email": "a@b.c", "whatsapp_phone": "819012345678"}, None)
 
 
 def test_row_with_contacts_maps_to_payload() -> None:
@@ -123,7 +150,8 @@ def test_payload_never_carries_empty_values(contacts: dict[str, object]) -> None
         assert mapped.result.contacts
         assert all(v and v == v.strip() for v in mapped.result.contacts.values())
     else:
-        assert mapped.result.reason == "no contact values"
+        reason = mapped.result.reason
+        assert reason == "no contact values" or reason.startswith("contact "), reason
 
 
 def test_clearing_sends_empty_strings_for_emptied_columns() -> None:
@@ -147,3 +175,85 @@ def test_clearing_changes_the_hash() -> None:
     """Turning clearing on changes a row's hash, so every user is pushed once in the new form."""
     assert map_row(row(5, email="a", mobile_phone=None), salt="s").hash != map_row(
         row(5, email="a", mobile_phone=None), salt="s", clear=True).hash
+
+
+@pytest.mark.parametrize(
+    ("value", "sent", "reason"),
+    [
+        (8613900000001.0, "8613900000001", None),  # double precision: once "8613900000001.0"
+        (Decimal("8613900000001.00"), "8613900000001", None),  # numeric
+        (8613900000001, "8613900000001", None),
+        (b" +8190 ", "+8190", None),  # bytes: a SQL_ASCII database's text
+        (8613900000001.5, None, "contact mobile_phone is a fractional number"),
+        (float("nan"), None, "contact mobile_phone is not a finite number"),
+        (float("-inf"), None, "contact mobile_phone is not a finite number"),
+        (2.0**60, None, "contact mobile_phone is a floating-point number too large to be exact"),
+        (Decimal("1.5"), None, "contact mobile_phone is a fractional number"),
+        (Decimal("NaN"), None, "contact mobile_phone is not a finite number"),
+        (Decimal("1E+40"), None, "contact mobile_phone is a number of more than 30 digits"),
+        (10**40, None, "contact mobile_phone is a number of more than 30 digits"),
+        (True, None, "contact mobile_phone is a boolean, not text or a number"),
+        (b"a\xffb", None, "contact mobile_phone is not valid UTF-8 text"),
+        ("a\udcffb", None, "contact mobile_phone is not valid UTF-8 text"),  # SQLite, see source
+        ("a\x00b", None, "contact mobile_phone holds a NUL character"),
+        (date(2026, 1, 1), None, "contact mobile_phone is of type date, not text or a number"),
+        (uuid.UUID(int=7), None, "contact mobile_phone is of type UUID, not text or a number"),
+        ({"n": 1}, None, "contact mobile_phone is of type dict, not text or a number"),
+        ([1, 2], None, "contact mobile_phone is of type list, not text or a number"),
+    ],
+)
+def test_contact_values_of_every_column_type(value: object, sent: str | None, reason: str) -> None:
+    """Whole numbers are sent as integers; a value that makes no sense as a contact skips the row
+    with a reason naming the contact, never the value."""
+    mapped = map_row(row(5, email="a@b.c", mobile_phone=value), salt="s")
+
+    if sent is not None:
+        assert mapped.result == Payload(5, {"email": "a@b.c", "mobile_phone": sent})
+    else:
+        assert mapped.result == Skip(reason, 5)
+
+
+def test_a_key_too_long_for_the_status_table_is_refused_under_its_digest() -> None:
+    """A 300-character key is recorded under its SHA-256 with the reason, and never pushed."""
+    mapped = map_row(SourceRow("k" * 300, 1, 5, {"email": "a@b.c"}), salt="s")
+
+    assert isinstance(mapped.result, Skip) and mapped.result.key_refused
+    assert mapped.result.reason.startswith("the source key is 300 characters long, more than 256")
+    assert mapped.key.startswith("sha256:") and len(mapped.key) == 71
+
+
+def test_a_key_of_the_longest_storable_length_is_kept() -> None:
+    """A key of exactly 256 characters is stored as it is."""
+    mapped = map_row(SourceRow("k" * KEY_LIMIT, 1, 5, {"email": "a@b.c"}), salt="s")
+
+    assert (mapped.key, mapped.result) == ("k" * KEY_LIMIT, Payload(5, {"email": "a@b.c"}))
+
+
+@settings(max_examples=400)
+@given(
+    key=column_value,
+    euid=column_value,
+    contacts=st.dictionaries(
+        st.sampled_from(["email", "mobile_phone", "landline_phone", "whatsapp_phone"]),
+        column_value,
+    ),
+    clear=st.booleans(),
+)
+def test_any_row_maps_to_a_sendable_payload_or_a_clear_reason(
+    key: Any, euid: Any, contacts: dict[str, Any], clear: bool
+) -> None:
+    """Whatever Python value psycopg or sqlite3 returns in any column, mapping never raises: a
+    payload the client can encode, or a skip whose reason and key both tracking backends store."""
+    mapped = map_row(SourceRow(key, 1, euid, contacts), salt="s", clear=clear)
+
+    assert len(mapped.key) <= KEY_LIMIT and storable(mapped.key)
+    assert len(mapped.hash) == 64
+    result = mapped.result
+    if isinstance(result, Payload):
+        assert 0 < result.euid <= EUID_MAX
+        assert any(result.contacts.values())
+        json.dumps(result.body(), ensure_ascii=False).encode()  # what the client sends
+        assert all("\x00" not in v for v in result.contacts.values())
+    else:
+        assert result.reason.isprintable() and len(result.reason) <= MESSAGE_LIMIT
+        assert result.euid is None or 0 < result.euid <= EUID_MAX

@@ -118,6 +118,36 @@ def test_retry_after_lengthens_the_backoff() -> None:
     assert update is not None and update.next_attempt_at == NOW + timedelta(seconds=600)
 
 
+def test_retry_after_is_honoured_up_to_retry_max() -> None:
+    """A Retry-After of years waits retry.max, the longest wait (once an OverflowError)."""
+    throttled = ApiResult(Verdict.TRANSIENT, None, 429, "slow down", retry_after=99999999999)
+
+    update = settle("1", PUSHABLE, Action.PUSH, None, throttled, NOW, POLICY)
+
+    assert update is not None and update.next_attempt_at == NOW + POLICY.cap
+
+
+@pytest.mark.parametrize(
+    ("code", "stored"),
+    [
+        (55004, (55004, "bad")),
+        (2**31 - 1, (2**31 - 1, "bad")),
+        (3_000_000_000, (None, "code 3000000000: bad")),
+        (-(2**31) - 1, (None, "code -2147483649: bad")),
+        (10**40, (None, "code of more than 30 digits: bad")),
+    ],
+)
+def test_a_code_beyond_the_column_is_kept_in_the_message(
+    code: int, stored: tuple[int | None, str]
+) -> None:
+    """A code outside last_code's 32 bits is stored as NULL, its value at the message's head."""
+    answer = ApiResult(Verdict.PERMANENT, code, 400, "bad")
+
+    update = settle("1", PUSHABLE, Action.PUSH, None, answer, NOW, POLICY)
+
+    assert update is not None and (update.last_code, update.last_message) == stored
+
+
 def test_permanent_failure_marks_failed_with_code() -> None:
     """A permanent answer is recorded with its code and message, not retried."""
     update = settle("1", PUSHABLE, Action.PUSH, None, BAD, NOW, POLICY)
