@@ -44,6 +44,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cdc_sync.errors import StateError, first_line
 from cdc_sync.models import VERSION_TABLE, UtcDateTime, sync_runs, sync_state, sync_status
+from cdc_sync.redact import clean, storable
 from cdc_sync.rules import Position, Record, Status, Update
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ other alembic applications keep theirs there too."""
 log = structlog.get_logger("cdc_sync.state")
 
 REMEMBERED_RECORDS = 10_000  # status rows StateStore.records keeps in memory, at most
+
+ERROR_LIMIT = 2000  # characters of a cycle's error kept in cdc_sync_runs.error
 
 ANALYZE_AFTER = 1000  # status rows this process writes before it checks the table's statistics
 
@@ -88,6 +91,7 @@ def alembic_config(connection: Connection | None = None) -> Config:
 _DECODERS: dict[str, Any] = {
     "int": int,
     "str": str,
+    "text": lambda raw: bytes.fromhex(raw).decode("utf-8", "surrogatepass"),
     "decimal": Decimal,
     "datetime": datetime.fromisoformat,
     "date": date.fromisoformat,
@@ -99,6 +103,9 @@ def encode_value(value: Any) -> str:
     """A type-tagged text form of a cursor or key value, decoded exactly by :func:`decode_value`."""
     if isinstance(value, bool):
         raise TypeError("a boolean cannot be a cursor or key")
+    if isinstance(value, str) and not value.isprintable() and not storable(value):
+        # A NUL (PostgreSQL text cannot hold it) or an unpaired surrogate: stored as hex.
+        return f"text:{value.encode('utf-8', 'surrogatepass').hex()}"
     for tag, kind in (
         ("int", int),
         ("str", str),
@@ -450,7 +457,7 @@ class StateStore:
             "finished_at": now,
             "outcome": outcome,
             "watermark_after": describe(watermark),
-            "error": error,
+            "error": None if error is None else clean(error, ERROR_LIMIT),
             "replica_lag_s": replica_lag,
             **counts.as_dict(),
         }

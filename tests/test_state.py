@@ -6,14 +6,18 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import text
+from sqlalchemy import select, text
+from values import any_text, column_value
 
 from cdc_sync.cli import state_engine
+from cdc_sync.engagelab import ApiResult, Verdict
 from cdc_sync.errors import StateError
-from cdc_sync.rules import Position, Record, Status, Update
-from cdc_sync.state import StateStore, decode_value, encode_value
+from cdc_sync.mapping import Skip, SourceRow, map_row
+from cdc_sync.models import sync_runs
+from cdc_sync.rules import Action, Position, Record, Retry, Status, Update, settle
+from cdc_sync.state import RunCounts, StateStore, decode_value, encode_value
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -225,6 +229,7 @@ values = st.one_of(
     st.dates(),
     st.decimals(allow_nan=False, allow_infinity=False),
     st.uuids(),
+    st.sampled_from(["a\x00b", "a\udcffb"]),  # a SQLite source's keys (see source.py)
 )
 
 
@@ -279,3 +284,93 @@ def test_old_runs_are_pruned(store: StateStore) -> None:
     assert [run["id"] for run in store.recent_runs()] == [new]
     assert old != new
     assert len(other.recent_runs()) == 1
+
+
+POLICY = Retry(timedelta(seconds=30), timedelta(hours=1), 5)
+
+
+@pytest.mark.parametrize(
+    ("answer", "stored"),
+    [
+        (ApiResult(Verdict.PERMANENT, 3_000_000_000, 400, "no"), (None, "code 3000000000: no")),
+        (ApiResult(Verdict.PERMANENT, 10**20, 400, "no"), (None, f"code {10**20}: no")),
+        (ApiResult(Verdict.PERMANENT, 55004, 400, "a\x00b"), (55004, "a\ufffdb")),
+        (ApiResult(Verdict.PERMANENT, 55004, 400, "a\ud800b"), (55004, "a\ufffdb")),
+        (ApiResult(Verdict.TRANSIENT, -1, 500, "x" * 5000), (-1, "x" * 199 + "\u2026")),
+    ],
+    ids=["code 3e9", "code 1e20", "NUL", "lone surrogate", "5000 characters"],
+)
+def test_hostile_answers_are_stored(
+    store: StateStore, answer: ApiResult, stored: tuple[int | None, str]
+) -> None:
+    """An answer's code beyond 32 bits, or a message with a NUL, an unpaired surrogate or of any
+    length, is stored on both backends (once: out of range, OverflowError, invalid json)."""
+    mapped = map_row(SourceRow(1, 1, 7, {"email": "a@b.c"}), salt="s")
+    update = settle(mapped.key, mapped, Action.PUSH, None, answer, NOW, POLICY)
+    assert update is not None
+
+    store.commit_page([update], None, NOW)
+
+    row = store.status_of("1")
+    assert row is not None and (row["last_code"], row["last_message"]) == stored
+
+
+def test_a_key_with_a_nul_is_a_storable_watermark(store: StateStore) -> None:
+    """A text key holding a NUL (a SQLite source) is stored as the watermark and read back."""
+    position = Position(5, "a\x00b")
+
+    store.commit_page([], position, NOW)
+
+    assert store.watermark() == position
+
+
+def test_a_run_error_of_any_text_is_stored(store: StateStore) -> None:
+    """A cycle's error is stored whatever it holds: cleaned and cut, never refused."""
+    run = store.start_run(NOW, None)
+
+    store.finish_run(run, NOW, "error", RunCounts(), None, "bad \x00 \ud800 " + "x" * 5000)
+
+    with store.engine.connect() as connection:
+        error = connection.scalar(select(sync_runs.c.error).where(sync_runs.c.id == run))
+    assert error.startswith("bad \ufffd \ufffd xxx") and len(error) == 2000
+
+
+answers = st.builds(
+    ApiResult,
+    st.sampled_from([Verdict.SUCCESS, Verdict.TRANSIENT, Verdict.PERMANENT]),
+    st.one_of(st.none(), st.integers()),
+    st.one_of(st.none(), st.integers(100, 599)),
+    st.one_of(any_text, st.text(min_size=150, max_size=400)),
+    st.one_of(st.none(), st.floats(min_value=0)),
+)
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    key=column_value,
+    euid=column_value,
+    contact=column_value,
+    answer=answers,
+    attempts=st.integers(0, 10),
+)
+def test_whatever_the_rules_produce_is_stored(
+    store: StateStore, key: object, euid: object, contact: object, answer: ApiResult, attempts: int
+) -> None:
+    """Any row and any answer settle into an Update that both tracking backends store as it is."""
+    mapped = map_row(SourceRow(key, 1, euid, {"email": contact}), salt="s")
+    action = Action.SKIP if isinstance(mapped.result, Skip) else Action.PUSH
+    record = Record(Status.RETRYING, None, mapped.hash, attempts, None)
+    update = settle(mapped.key, mapped, action, record, answer, NOW, POLICY, jitter=0.5)
+    assert update is not None
+    example = StateStore(store.engine, uuid.uuid4().hex[:16])  # a fresh status row each time
+
+    example.commit_page([update], None, NOW)
+
+    row = example.status_of(update.key)
+    assert row is not None
+    assert (row["status"], row["last_code"], row["last_message"], row["euid"]) == (
+        update.status.value,
+        update.last_code,
+        update.last_message,
+        update.euid,
+    )
