@@ -8,6 +8,7 @@ twice within a cycle.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -197,6 +198,8 @@ class Source:
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         if engine.dialect.name == "postgresql":
             event.listen(engine, "connect", self._configure_session)
+        elif engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _lenient_text)
 
     def _configure_session(self, dbapi_connection: Any, _record: Any) -> None:
         """Every session on the source is read-only and bounded by the statement timeout.
@@ -357,6 +360,12 @@ class Source:
             try:
                 with self._autocommit.connect() as connection:
                     return connection.execute(query, params).all()
+            except UnicodeEncodeError:  # a key or cursor read back from SQLite, bound again
+                raise SourceError(
+                    f"reading the source {self._where()} failed: a value of its key or cursor "
+                    "column is text that is not valid UTF-8",
+                    f"correct that row's {self.spec.key} or {self.spec.cursor} in the source",
+                ) from None
             except SQLAlchemyError as exc:
                 if attempt == READ_ATTEMPTS or not retryable(exc):
                     raise self._failure(exc) from exc
@@ -429,6 +438,16 @@ def _with_horizon(
         .select_from(clock.outerjoin(rows, true()))
         .order_by(rows.c[spec.cursor], rows.c[spec.key])
     )
+
+
+# SQLite keeps whatever bytes were written as TEXT; Python's sqlite3 decodes each value as UTF-8
+# and fails the whole query on one bad value, quoting it. Decoded this way, a bad byte becomes an
+# unpaired surrogate instead: mapping refuses that one row, naming the column, never the value.
+_decode_text = functools.partial(str, encoding="utf-8", errors="surrogateescape")
+
+
+def _lenient_text(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.text_factory = _decode_text
 
 
 def _python_type(column: Column[Any]) -> type | None:
