@@ -21,7 +21,7 @@ from tlsserver import https_server
 from userdb import UserDb, write_config
 
 from cdc_sync import __version__
-from cdc_sync.emulator import Emulator, EmulatorServer
+from cdc_sync.emulator import Emulator, EmulatorServer, Faults
 
 UNREACHABLE = "postgresql+psycopg://postgres@127.0.0.1:1/x"  # nothing listens on port 1
 SECRET = "Zq9/sekret+value=42"  # "/", "+" and "=" make it an invalid sync name, too
@@ -625,3 +625,119 @@ def test_an_unusable_proxy_variable_exits_69_naming_it(sync: Sync) -> None:
     assert "the proxy in the environment is unusable: HTTPS_PROXY:" in result.stderr
     assert "pr0xy-pa55word" not in result.stderr
     assert_no_traceback(result)
+
+
+# -- personal data and secrets: in no output, log line or tracking table ------------------------
+
+SOURCE_PASSWORD = "Src-Pa55w0rd-91"
+STATE_PASSWORD = "State-Pa55w0rd-92"
+
+
+def with_password(url: str, password: str) -> str:
+    """A test server's URL with a password (the servers trust loopback, so any is accepted)."""
+    return url.replace("postgresql+psycopg://postgres@", f"postgresql+psycopg://postgres:{password}@")
+
+
+def tracking_rows(state_url: str) -> str:
+    """Every row of every tracking table, as text."""
+    from sqlalchemy import create_engine, select
+
+    from cdc_sync.models import sync_runs, sync_state, sync_status
+
+    engine = create_engine(state_url)
+    with engine.connect() as connection:
+        rows = [
+            repr(tuple(row))
+            for table in (sync_state, sync_status, sync_runs)
+            for row in connection.execute(select(table))
+        ]
+    engine.dispose()
+    return "\n".join(rows)
+
+
+def test_no_secret_password_or_contact_value_reaches_any_output_or_table(
+    users: UserDb, state_url: str, tmp_path: Path
+) -> None:
+    """After runs whose failures echo the values sent (permanent, transient, a code beyond 32
+    bits, an HTML page, a fatal answer), no command output, log line or tracking-table row holds
+    the API secret, the Basic auth header, a database password or any user's contact value."""
+    people = {i: (f"Person.{i}@Example.org", f"+86139000{i:05}") for i in range(1, 11)}
+    users.insert(
+        {"id": i, "email": email, "mobile": phone, "engagelab_euid": 1000 + i}
+        for i, (email, phone) in people.items()
+    )
+    lowered, bare = people[5][0].lower(), people[5][1][1:]
+    answers = {
+        1001: (400, '{"code": 55004, "message": "invalid value: {email} / {mobile_phone}"}'),
+        1002: (500, '{"code": -1, "message": "upstream failed for {email}"}'),
+        1003: (400, '{"code": 3000000000, "message": "bad {mobile_phone}"}'),
+        1004: (503, "<html>{email} {mobile_phone}</html>"),
+        1005: (400, f'{{"code": 55123, "message": "unknown user {lowered} ({bare})"}}'),
+    }
+    on_sqlite = state_url.startswith("sqlite")
+    state = state_url if on_sqlite else with_password(state_url, STATE_PASSWORD)
+    emulator = Emulator("key", SECRET, faults=Faults(answers=answers))
+    outputs = []
+    with EmulatorServer(emulator) as api:
+        config = write_config(
+            tmp_path / "config.yaml",
+            source_url=with_password(users.url, SOURCE_PASSWORD),
+            state_url=state,
+            api_url=api.url,
+            secret=SECRET,
+            logging={"level": "DEBUG", "format": "json"},
+        )
+        outputs.append(cdc_sync(config, "migrate"))
+        outputs.append(cdc_sync(config, "once"))
+        new_email = "Changed.6@Example.org"
+        users.change(6, email=new_email)
+        fatal = '{"code": 40050, "message": "authentication failed for {email}"}'
+        emulator.set_faults(Faults(answers={1006: (401, fatal)}))
+        outputs.append(refused := cdc_sync(config, "once"))
+        emulator.set_faults(Faults(answers=answers))
+        outputs.extend(cdc_sync(config, command) for command in ("once", "status", "check"))
+
+    assert [r.returncode for r in outputs] == [0, 0, 3, 0, 0, 0], [r.stderr for r in outputs]
+    assert "authentication failed for <email>" in refused.stderr  # the message is kept, redacted
+    token = base64.b64encode(f"key:{SECRET}".encode()).decode()
+    needles = [SECRET, token, SOURCE_PASSWORD, STATE_PASSWORD, new_email]
+    needles += [value for contact in people.values() for value in contact]
+    needles += [phone[1:] for _, phone in people.values()]
+    haystack = "\n".join(r.stdout + r.stderr for r in outputs) + tracking_rows(state_url)
+    assert "invalid value: <email> / <mobile_phone>" in haystack  # the scan sees the messages
+    found = [needle for needle in needles if needle.casefold() in haystack.casefold()]
+    assert found == []
+
+
+def test_a_sqlite_contact_that_is_not_utf8_skips_its_user_and_quotes_nothing(
+    tmp_path: Path, api: EmulatorServer
+) -> None:
+    """A SQLite contact holding bytes that are not UTF-8 skips that user with a reason and the
+    rest sync (once: exit 69 on every run, with the value quoted in the message)."""
+    import sqlite3
+
+    source = tmp_path / "source.db"
+    users = UserDb(f"sqlite:///{source}")
+    users.add_users(range(1, 6))
+    users.dispose()
+    with sqlite3.connect(source) as connection:
+        connection.execute("UPDATE users SET email = CAST(X'61FF62' AS TEXT) WHERE id = 3")
+    config = write_config(
+        tmp_path / "config.yaml",
+        source_url=f"sqlite:///{source}",
+        state_url=f"sqlite:///{tmp_path}/state.db",
+        api_url=api.url,
+        logging={"level": "DEBUG", "format": "json"},
+    )
+    assert cdc_sync(config, "migrate").returncode == 0
+
+    outputs = [cdc_sync(config, "once"), cdc_sync(config, "once"), cdc_sync(config, "status")]
+
+    assert [r.returncode for r in outputs] == [0, 0, 0], outputs[0].stderr
+    assert set(api.emulator.all_received()) == {1001, 1002, 1004, 1005}
+    assert re.search(r"^\s+3\s+1003\s+skipped\s.*contact email is not valid UTF-8 text",
+                     outputs[2].stdout, re.M), outputs[2].stdout
+    text = "\n".join(r.stdout + r.stderr for r in outputs) + tracking_rows(
+        f"sqlite:///{tmp_path}/state.db"
+    )
+    assert "a\ufffdb" not in text and "a\\xffb" not in text and "a\\udcffb" not in text
