@@ -119,8 +119,8 @@ def test_retry_after_lengthens_the_backoff() -> None:
 
 
 def test_retry_after_is_honoured_up_to_retry_max() -> None:
-    """A Retry-After of years waits retry.max, the longest wait (once an OverflowError)."""
-    throttled = ApiResult(Verdict.TRANSIENT, None, 429, "slow down", retry_after=99999999999)
+    """A Retry-After of millennia waits retry.max, the longest wait (once an OverflowError)."""
+    throttled = ApiResult(Verdict.TRANSIENT, None, 429, "slow down", retry_after=1e12)
 
     update = settle("1", PUSHABLE, Action.PUSH, None, throttled, NOW, POLICY)
 
