@@ -8,7 +8,18 @@ from hypothesis import strategies as st
 
 from cdc_sync.engagelab import ApiResult, Verdict
 from cdc_sync.mapping import SourceRow, map_row
-from cdc_sync.rules import Action, Position, Record, Retry, Status, advance, backoff, decide, settle
+from cdc_sync.rules import (
+    Action,
+    Position,
+    Record,
+    Retry,
+    Status,
+    advance,
+    backoff,
+    decide,
+    missed,
+    settle,
+)
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 POLICY = Retry(timedelta(seconds=30), timedelta(hours=1), max_attempts=5)
@@ -249,3 +260,12 @@ def test_advance_never_passes_an_unrecorded_row(rows, start) -> None:  # type: i
     first_gap = next((pos for pos, (*_, done) in zip(page, rows, strict=True) if not done), None)
     if first_gap is not None and (current is None or first_gap > current):
         assert after is None or after < first_gap
+
+
+def test_the_audit_never_requeues_a_row_whose_key_the_status_table_cannot_hold() -> None:
+    """A row recorded under its key's digest is never re-queued by the audit: the retry phase
+    reads rows back by key, and no row has that key."""
+    long_key = map_row(SourceRow("k" * 300, 1, 7, {"email": "a@b.c"}), salt="s")
+
+    assert missed(long_key, None) is False
+    assert missed(PUSHABLE, None) is True

@@ -332,7 +332,7 @@ def test_a_run_error_of_any_text_is_stored(store: StateStore) -> None:
 
     with store.engine.connect() as connection:
         error = connection.scalar(select(sync_runs.c.error).where(sync_runs.c.id == run))
-    assert error.startswith("bad \ufffd \ufffd xxx") and len(error) == 2000
+    assert error is not None and error.startswith("bad \ufffd \ufffd xxx") and len(error) == 2000
 
 
 answers = st.builds(
