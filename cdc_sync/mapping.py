@@ -215,7 +215,7 @@ def map_row(row: SourceRow, *, salt: str, clear: bool = False) -> Mapped:
     contacts, problem = clean_contacts(row.contacts)
     euid = parse_euid(row.euid)
     if clear:
-        contacts = {key: contacts.get(key, "") for key in sorted(row.contacts)}
+        contacts = {name: contacts.get(name, "") for name in sorted(row.contacts)}
     result: Payload | Skip
     if key_problem is not None:
         result = Skip(key_problem, None if isinstance(euid, str) else euid, key_refused=True)
