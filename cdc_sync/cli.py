@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine as SqlEngine
@@ -25,7 +26,14 @@ from cdc_sync import __version__, logs
 from cdc_sync.config import Settings, load_settings, resolve_config_path
 from cdc_sync.engagelab import CodePolicy, EngageLabClient, Verdict
 from cdc_sync.engine import Engine, EngineSettings
-from cdc_sync.errors import EX_CONFIG, EX_FATAL_API, EX_UNAVAILABLE, CdcSyncError, SetupError
+from cdc_sync.errors import (
+    EX_CONFIG,
+    EX_FATAL_API,
+    EX_UNAVAILABLE,
+    CdcSyncError,
+    ConfigError,
+    SetupError,
+)
 from cdc_sync.lock import EX_TEMPFAIL, InstanceLock
 from cdc_sync.proxies import Proxies
 from cdc_sync.report import render_check, render_status
@@ -43,6 +51,15 @@ class App:
     state: StateStore
     client: EngageLabClient | None = None
 
+    def lookback(self) -> timedelta | int:
+        """``source.lookback`` fitted to the cursor column's reflected type (exit 78 if it does
+        not fit), so a wrong kind stops ``check`` and start-up before anything is pushed."""
+        src = self.settings.source
+        try:
+            return self.source.fit_lookback(src.lookback, given="lookback" in src.model_fields_set)
+        except ValueError as exc:
+            raise ConfigError(str(self.settings.config_path), "source.lookback", str(exc)) from None
+
     def engine(self) -> Engine:
         s = self.settings
         if self.client is None:
@@ -52,7 +69,7 @@ class App:
         knobs = EngineSettings(
             name=s.name,
             batch_size=s.source.batch_size,
-            lookback=s.source.lookback,
+            lookback=self.lookback(),
             retry=retry,
             audit_rows=audit_rows,
             clear=s.engagelab.clear_empty,
@@ -171,6 +188,7 @@ def ready(app: App) -> None:
     passes, each of which would otherwise walk it again (about 60 ms)."""
     app.state.require_schema()
     app.source.open()
+    app.lookback()
     gc.freeze()
 
 
@@ -206,6 +224,7 @@ def cmd_status(app: App, args: argparse.Namespace) -> int:
 
 def cmd_check(app: App, args: argparse.Namespace) -> int:
     app.source.open()
+    app.lookback()
     current, head = app.state.schema_revision()
     route = client_proxies(app.settings).describe(app.settings.engagelab.base_url)
     text, ok = render_check(app.settings, app.source, current, head, route)

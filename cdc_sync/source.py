@@ -14,12 +14,14 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import structlog
 from sqlalchemy import (
     Column,
     ColumnElement,
+    DateTime,
     Dialect,
     Engine,
     MetaData,
@@ -165,18 +167,61 @@ def page_params(after: Position | None, start: Any) -> dict[str, Any]:
 
 
 def lookback_start(watermark: Position | None, lookback: timedelta | int) -> Any:
-    """Where a cycle starts: ``lookback`` before the watermark's cursor (None: the top)."""
+    """Where a cycle starts: ``lookback`` before the watermark's cursor (None: the top).
+
+    :meth:`Source.fit_lookback` has already matched the lookback to the cursor's type at start-up;
+    a stored watermark of another type (the cursor column changed type) is still refused here.
+    """
     if watermark is None:
         return None
     cursor = watermark.cursor
     if isinstance(cursor, datetime | date) and isinstance(lookback, timedelta):
         return cursor - lookback
-    if isinstance(cursor, int) and isinstance(lookback, int):
+    if isinstance(cursor, int | Decimal | float) and isinstance(lookback, int):
         return cursor - lookback
     raise SourceError(
-        f"source.lookback {lookback!r} does not fit a cursor of type {type(cursor).__name__}",
+        f"source.lookback {_written(lookback)} does not fit the stored watermark "
+        f"{cursor} ({'a timestamp' if isinstance(cursor, date) else 'a number'})",
         "use a duration (e.g. 5m) for a timestamp cursor and a whole number for a numeric one",
     )
+
+
+def lookback_problem(
+    lookback: timedelta | int, cursor: str, kind: type | None, type_name: str, *, given: bool
+) -> str | None:
+    """Why ``lookback`` does not fit a cursor column whose values are of Python type ``kind``
+    (``type_name`` as PostgreSQL names it), in the words of the config file; None if it fits.
+
+    A duration only fits a timestamp or date cursor, a bare whole number only a numeric one
+    (``0``, "off", fits both). The default, ``5m``, is a duration: a numeric cursor needs
+    ``source.lookback`` set, since no number of its units means the same on every table.
+    """
+    temporal = kind in (datetime, date)
+    numeric = kind in (int, Decimal, float)
+    if temporal and isinstance(lookback, int) and lookback:
+        return (
+            f"{lookback} is a number of cursor units, but the cursor {cursor} is a {type_name}; "
+            f"write a duration, e.g. {lookback}s or 5m"
+        )
+    if numeric and isinstance(lookback, timedelta) and lookback:
+        if not given:
+            return (
+                f"not set, and its default ({_written(lookback)}) is a duration, but the cursor "
+                f"{cursor} is a {type_name}: set source.lookback to a whole number of cursor "
+                "units, e.g. 1000 (0 turns it off)"
+            )
+        return (
+            f"{_written(lookback)} is a duration, but the cursor {cursor} is a {type_name}, "
+            "counted in its own units; write a whole number of them, e.g. 1000 (0 turns it off)"
+        )
+    return None
+
+
+def _written(lookback: timedelta | int) -> str:
+    """A lookback as the config file writes it: ``5m``, ``1000``."""
+    from cdc_sync.config import format_duration  # pydantic: loaded by the CLI anyway
+
+    return format_duration(lookback) if isinstance(lookback, timedelta) else str(lookback)
 
 
 class Source:
@@ -257,6 +302,28 @@ class Source:
                 "or use cursor_mode: timestamp",
             )
         return table
+
+    def fit_lookback(self, lookback: timedelta | int, *, given: bool) -> timedelta | int:
+        """``lookback`` in the form the cursor's type needs (a bare ``0`` on a timestamp cursor
+        is a zero duration); ``ValueError`` with :func:`lookback_problem`'s message otherwise."""
+        cursor = self.table.c[self.spec.cursor]
+        kind = None if self.spec.gap_free else _python_type(cursor)
+        type_name = self.cursor_type_name()
+        problem = lookback_problem(lookback, self.spec.cursor, kind, type_name, given=given)
+        if problem is not None:
+            raise ValueError(problem)
+        if kind in (datetime, date) and isinstance(lookback, int):
+            return timedelta(0)
+        if kind in (int, Decimal, float) and isinstance(lookback, timedelta):
+            return 0
+        return lookback
+
+    def cursor_type_name(self) -> str:
+        """The cursor column's type as the database names it (``timestamp with time zone``)."""
+        kind = self.table.c[self.spec.cursor].type
+        if self.engine.dialect.name == "postgresql" and isinstance(kind, DateTime):
+            return "timestamp with time zone" if kind.timezone else "timestamp without time zone"
+        return str(kind.compile(dialect=self.engine.dialect)).lower()
 
     def horizon(self) -> Horizon:
         """The source's clock (as a cursor ceiling) and replica lag, in one short query."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from userdb import CONTACT_COLUMNS, UserDb
 
 from cdc_sync.errors import SourceError
 from cdc_sync.rules import Position
-from cdc_sync.source import Source, SourceSpec, lookback_start
+from cdc_sync.source import Source, SourceSpec, lookback_problem, lookback_start
 
 SPEC = SourceSpec("users", "id", "updated_at", "engagelab_euid", CONTACT_COLUMNS)
 STAMP = datetime(2026, 1, 1, tzinfo=UTC)
@@ -215,6 +216,7 @@ def test_statement_timeout_cancels_a_slow_read(pg_database: str) -> None:
         (STAMP, timedelta(minutes=5), STAMP - timedelta(minutes=5)),
         (STAMP.date(), timedelta(days=1), STAMP.date() - timedelta(days=1)),
         (1000, 50, 950),
+        (Decimal("1000.5"), 50, Decimal("950.5")),
     ],
 )
 def test_lookback_start(cursor: Any, lookback: Any, start: Any) -> None:
@@ -226,5 +228,26 @@ def test_lookback_start(cursor: Any, lookback: Any, start: Any) -> None:
 @pytest.mark.parametrize(("cursor", "lookback"), [(STAMP, 300), (1000, timedelta(minutes=5))])
 def test_lookback_that_does_not_fit_the_cursor_is_refused(cursor: Any, lookback: Any) -> None:
     """A duration lookback on a numeric cursor, or a number on a timestamp, is a clear error."""
-    with pytest.raises(SourceError, match="does not fit a cursor"):
+    with pytest.raises(SourceError, match="does not fit the stored watermark"):
         lookback_start(Position(cursor, 1), lookback)
+
+
+@pytest.mark.parametrize(
+    ("lookback", "kind", "given", "problem"),
+    [
+        (timedelta(minutes=5), datetime, True, None),
+        (0, datetime, True, None),
+        (1000, int, True, None),
+        (timedelta(0), Decimal, True, None),
+        (300, datetime, True, "300 is a number of cursor units, but the cursor c is a t; "),
+        (timedelta(minutes=5), int, True, "5m is a duration, but the cursor c is a t, counted "),
+        (timedelta(minutes=5), Decimal, False, "not set, and its default (5m) is a duration, "),
+    ],
+)
+def test_lookback_problem_speaks_config(
+    lookback: Any, kind: type, given: bool, problem: str | None
+) -> None:
+    """A lookback of the wrong kind for the cursor is named as the config file writes it."""
+    found = lookback_problem(lookback, "c", kind, "t", given=given)
+
+    assert found == problem if problem is None else (found or "").startswith(problem)
