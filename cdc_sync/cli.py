@@ -227,7 +227,8 @@ def cmd_check(app: App, args: argparse.Namespace) -> int:
     app.lookback()
     current, head = app.state.schema_revision()
     route = client_proxies(app.settings).describe(app.settings.engagelab.base_url)
-    text, ok = render_check(app.settings, app.source, current, head, route)
+    facts = app.source.facts()
+    text, ok = render_check(app.settings, app.source.spec, facts, current, head, route)
     print(text)
     return 0 if ok else 69
 

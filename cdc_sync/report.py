@@ -13,7 +13,7 @@ from cdc_sync.state import StateStore, describe
 
 if TYPE_CHECKING:
     from cdc_sync.config import Settings
-    from cdc_sync.source import Source
+    from cdc_sync.source import IndexAdvice, SourceFacts, SourceSpec
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -119,36 +119,27 @@ def render_status(name: str, state: StateStore, *, limit: int = 10) -> str:
 
 def render_check(
     settings: Settings,
-    source: Source,
+    spec: SourceSpec,
+    facts: SourceFacts,
     current: str | None,
     head: str | None,
     route: str | None = None,
 ) -> tuple[str, bool]:
     """The report of ``cdc-sync check`` and whether everything needed to run is in place."""
-    spec = source.spec
-    index = source.cursor_index()
     lookback = settings.source.lookback
     lines = [
         f"config     {settings.config_path}: valid",
-        f"source     {source.engine.url.render_as_string(hide_password=True)}: reachable",
+        f"source     {facts.url}: reachable",
         f"table      {spec.qualified_table}: columns {', '.join(spec.columns())} present",
     ]
-    if index:
-        lines.append(f"index      {index} on ({spec.cursor}, {spec.key}): present")
-    else:
-        lines += [
-            f"index      none on ({spec.cursor}, {spec.key}): every poll scans the table. "
-            "Create it on the primary (it replicates):",
-            f"           {source.index_statement()}",
-        ]
+    lines += index_lines(facts.index, spec.cursor, spec.key)
     if spec.gap_free:
         lines.append(
             "lookback   not used: cursor_mode xid8 reads nothing a running transaction "
             "could still land behind"
         )
     else:
-        horizon = source.horizon()
-        observed = source.longest_write_transaction()
+        horizon, observed = facts.horizon, facts.longest_transaction
         lines.append(f"lookback   {_duration(lookback)} re-read behind the watermark each cycle")
         lines.append(f"lag        {_seconds(horizon.replica_lag, 'source is not a replica')}")
         lines.append(
@@ -174,6 +165,21 @@ def render_check(
     if route is not None:
         lines.append(f"proxy      {route}")
     return "\n".join(lines), ok
+
+
+def index_lines(advice: IndexAdvice, cursor: str, key: str) -> list[str]:
+    """What ``check`` says of the index behind the poll: present, or the statements to run."""
+    if advice.present:
+        return [f"index      {advice.present} on ({cursor}, {key}): present"]
+    if not advice.statements:
+        return [f"index      none applies: {advice.note}"]
+    lines = [
+        f"index      none on ({cursor}, {key}): every poll scans the table. "
+        "Create it on the primary (it replicates):"
+    ]
+    if advice.note:
+        lines.append(f"           ({advice.note})")
+    return lines + [f"           {statement}" for statement in advice.statements]
 
 
 def lookback_warning(

@@ -21,6 +21,7 @@ import structlog
 from sqlalchemy import (
     Column,
     ColumnElement,
+    Connection,
     DateTime,
     Dialect,
     Engine,
@@ -93,6 +94,26 @@ class Horizon:
 
     ceiling: Any = None
     replica_lag: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IndexAdvice:
+    """What ``check`` says of the index behind the poll: the index (or indexes) that serve it,
+    else the statements that would create one; ``note`` explains a table that needs more."""
+
+    present: str | None
+    statements: tuple[str, ...]
+    note: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFacts:
+    """What ``cdc-sync check`` reports of the source, gathered by :meth:`Source.facts`."""
+
+    url: str  # password hidden
+    index: IndexAdvice
+    horizon: Horizon
+    longest_transaction: float | None  # seconds; None where it cannot be seen
 
 
 @dataclass(frozen=True)
@@ -464,21 +485,104 @@ class Source:
 
     # -- what `cdc-sync check` reports ------------------------------------------------------
 
-    def cursor_index(self) -> str | None:
-        """The name of an index whose leading columns are (cursor, key), if there is one."""
-        wanted = [self.spec.cursor, self.spec.key]
-        for index in inspect(self.engine).get_indexes(self.spec.table, schema=self.spec.schema):
-            if list(index["column_names"][:2]) == wanted:
-                return index["name"]
-        return None
+    def facts(self) -> SourceFacts:
+        """Everything ``check`` reports of the source, read now."""
+        return SourceFacts(
+            url=self._where(),
+            index=self.index_advice(),
+            horizon=self.horizon(),
+            longest_transaction=self.longest_write_transaction(),
+        )
 
-    def index_statement(self) -> str:
-        s = self.spec
-        name = f"{s.table}_{s.cursor}_{s.key}_idx"
-        on = f"{s.qualified_table} ({s.cursor}, {s.key})"
-        if self.engine.dialect.name == "postgresql":
-            return f"CREATE INDEX CONCURRENTLY {name} ON {on};"
-        return f"CREATE INDEX {name} ON {on};"
+    def index_advice(self) -> IndexAdvice:
+        """Whether an index serves the ``(cursor, key)`` poll, and the statements that would
+        create one, each quoted as PostgreSQL (or SQLite) requires and safe to paste.
+
+        A view or a foreign table cannot be indexed: the advice says so and shows the plan of a
+        page. A partitioned table is indexed per partition (``CONCURRENTLY``: no write lock),
+        then on the parent without ``CONCURRENTLY``, which PostgreSQL refuses on a partitioned
+        table; with every partition indexed that last step only attaches the existing indexes.
+        """
+        if self.engine.dialect.name != "postgresql":
+            return self._sqlite_index_advice()
+        spec, quote = self.spec, self.engine.dialect.identifier_preparer.quote
+        with self._autocommit.connect() as connection:
+            relkind = connection.scalar(_RELKIND, {"name": self._quoted_table()})
+            if relkind in ("v", "f"):
+                plan = self._page_plan(connection)
+                what = "a view" if relkind == "v" else "a foreign table"
+                return IndexAdvice(
+                    None,
+                    (),
+                    f"{spec.qualified_table} is {what}, which PostgreSQL cannot index: every poll "
+                    f"runs its query ({plan}); index ({spec.cursor}, {spec.key}) on the table "
+                    "behind it, or point source.table at that table",
+                )
+            params = {"name": self._quoted_table(), "cursor": spec.cursor, "key": spec.key}
+            tree = connection.execute(_INDEX_TREE, params).all()
+        columns = f"({quote(spec.cursor)}, {quote(spec.key)})"
+        root = tree[0]
+        if root.found is not None:
+            return IndexAdvice(root.found, (), None)
+        name = f"{spec.table}_{spec.cursor}_{spec.key}_idx"
+        if relkind != "p":
+            statement = f"CREATE INDEX CONCURRENTLY {quote(name)} ON {self._quoted_table()} "
+            return IndexAdvice(None, (statement + columns + ";",), None)
+        leaves = [row for row in tree if row.isleaf]
+        if leaves and all(row.found is not None for row in leaves):
+            return IndexAdvice(f"one on each of its {len(leaves)} partitions", (), None)
+        statements = [
+            f"CREATE INDEX CONCURRENTLY {quote(f'{row.relname}_{spec.cursor}_{spec.key}_idx')} "
+            f"ON {quote(row.nspname)}.{quote(row.relname)} {columns};"
+            for row in leaves
+            if row.found is None
+        ]
+        statements.append(f"CREATE INDEX {quote(name)} ON {self._quoted_table()} {columns};")
+        return IndexAdvice(
+            None,
+            tuple(statements),
+            f"{spec.qualified_table} is partitioned, and PostgreSQL cannot build an index on a "
+            "partitioned table CONCURRENTLY: index each partition concurrently first; the "
+            "parent's index then only attaches them",
+        )
+
+    def _sqlite_index_advice(self) -> IndexAdvice:
+        spec, quote = self.spec, self.engine.dialect.identifier_preparer.quote
+        inspector = inspect(self.engine)
+        if spec.table in inspector.get_view_names(schema=spec.schema):
+            return IndexAdvice(
+                None, (), f"{spec.qualified_table} is a view, which cannot be indexed"
+            )
+        wanted = [spec.cursor, spec.key]
+        for index in inspector.get_indexes(spec.table, schema=spec.schema):
+            if list(index["column_names"][:2]) == wanted:
+                return IndexAdvice(index["name"], (), None)
+        name = quote(f"{spec.table}_{spec.cursor}_{spec.key}_idx")
+        if spec.schema:  # SQLite names the index's schema, not the table's
+            name = f"{self.engine.dialect.identifier_preparer.quote_schema(spec.schema)}.{name}"
+        statement = (
+            f"CREATE INDEX {name} ON {quote(spec.table)} ({quote(spec.cursor)}, {quote(spec.key)});"
+        )
+        return IndexAdvice(None, (statement,), None)
+
+    def _quoted_table(self) -> str:
+        """The configured table's name, schema-qualified and quoted by SQLAlchemy's preparer."""
+        preparer = self.engine.dialect.identifier_preparer
+        name = preparer.quote(self.spec.table)
+        return f"{preparer.quote_schema(self.spec.schema)}.{name}" if self.spec.schema else name
+
+    def _page_plan(self, connection: Connection) -> str:
+        """The planner's top node and estimated cost for a first page (what a poll costs)."""
+        query = page_query(self.table, self.spec, after=False, start=False, limit=500)
+        compiled = query.compile(dialect=self.engine.dialect)
+        explain = f"EXPLAIN (FORMAT JSON) {compiled}"
+        [[plan]] = connection.exec_driver_sql(explain, compiled.params).all()
+        top = plan[0]["Plan"]
+        scans = sorted(set(_scans(top)))
+        return (
+            f"a page of 500 rows is planned as {top['Node Type']} over {', '.join(scans)}, "
+            f"estimated cost {top['Total Cost']:.0f}"
+        )
 
     def _failure(self, exc: SQLAlchemyError) -> SourceError:
         return SourceError(
@@ -515,6 +619,39 @@ _decode_text = functools.partial(str, encoding="utf-8", errors="surrogateescape"
 
 def _lenient_text(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.text_factory = _decode_text
+
+
+# The kind of relation the configured name is: r table, p partitioned, v view, m materialized
+# view, f foreign table. The name is passed quoted, as to_regclass parses it.
+_RELKIND = text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:name)")
+
+# The relation and its partitions, root first, each with a valid index leading on
+# (cursor, key) if it has one. A plain table or materialized view is a tree of one.
+_INDEX_TREE = text(
+    """
+SELECT n.nspname, c.relname, coalesce(t.isleaf, true) AS isleaf,
+       (SELECT ic.relname FROM pg_index i
+          JOIN pg_class ic ON ic.oid = i.indexrelid
+          JOIN pg_attribute a0 ON a0.attrelid = i.indrelid AND a0.attnum = i.indkey[0]
+          JOIN pg_attribute a1 ON a1.attrelid = i.indrelid AND a1.attnum = i.indkey[1]
+         WHERE i.indrelid = c.oid AND i.indisvalid AND i.indpred IS NULL
+           AND a0.attname = :cursor AND a1.attname = :key
+         ORDER BY ic.relname LIMIT 1) AS found
+FROM (SELECT to_regclass(:name) AS oid) root
+LEFT JOIN LATERAL pg_partition_tree(root.oid) t ON true
+JOIN pg_class c ON c.oid = coalesce(t.relid, root.oid)
+JOIN pg_namespace n ON n.oid = c.relnamespace
+ORDER BY coalesce(t.level, 0), n.nspname, c.relname
+"""
+)
+
+
+def _scans(plan: Mapping[str, Any]) -> Iterable[str]:
+    """``Seq Scan on users``, ``Index Scan on users``... for every scan in a JSON plan."""
+    if "Relation Name" in plan:
+        yield f"{plan['Node Type']} on {plan['Relation Name']}"
+    for child in plan.get("Plans", ()):
+        yield from _scans(child)
 
 
 def _python_type(column: Column[Any]) -> type | None:

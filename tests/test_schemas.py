@@ -86,3 +86,135 @@ def test_numeric_cursor_with_a_number_lookback_runs_again_and_again(
 
     assert [r.returncode for r in runs] == [0, 0, 0], [r.stderr for r in runs]
     assert api.emulator.contacts == users.expected_contacts()
+
+
+# -- index advice that works -----------------------------------------------------------------
+
+
+def create_table(users: UserDb, name: str, *, partitioned: bool = False) -> None:
+    """A user table under a (quoted) ``name``, optionally partitioned by id into two ranges."""
+    by = " PARTITION BY RANGE (id)" if partitioned else ""
+    sql(
+        users,
+        f"CREATE TABLE {name} (id bigint PRIMARY KEY, email text, engagelab_euid bigint, "
+        f"updated_at timestamptz NOT NULL DEFAULT now()){by}",
+    )
+
+
+def printed_statements(output: str) -> list[str]:
+    """The SQL statements ``check`` prints for the operator to run, one a line."""
+    return [
+        line.strip()
+        for line in output.splitlines()
+        if line.startswith("           ") and line.strip().startswith(("CREATE ", "ALTER "))
+    ]
+
+
+def check_and_apply(users: UserDb, config: Path) -> tuple[str, list[str], str]:
+    """``check``, then every statement it printed run on the server, then ``check`` again."""
+    before = cdc_sync(config, "check")
+    assert before.returncode == 0, before.stdout + before.stderr
+    statements = printed_statements(before.stdout)
+    with users.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        for statement in statements:
+            connection.exec_driver_sql(statement)
+    after = cdc_sync(config, "check")
+    assert after.returncode == 0, after.stdout + after.stderr
+    return before.stdout, statements, after.stdout
+
+
+@pytest.mark.parametrize(
+    ("schema", "table", "quoted"),
+    [
+        ("App", "UserAccounts", '"App"."UserAccounts"'),
+        (None, "user", '"user"'),
+        (None, '"; DROP TABLE canary; --', '"""; DROP TABLE canary; --"'),
+    ],
+    ids=["mixed case in a schema", "a reserved word", "an injection"],
+)
+def test_index_statement_runs_as_printed(
+    users: UserDb, api: EmulatorServer, tmp_path: Path, schema: str | None, table: str, quoted: str
+) -> None:
+    """The printed CREATE INDEX quotes every name, runs on PostgreSQL, and then is found."""
+    sql(users, 'CREATE SCHEMA "App"', "CREATE TABLE canary (id int)")
+    create_table(users, quoted)
+    config = config_for(users, api, tmp_path, schema=schema, table=table)
+    config = edit(config, "contacts", {"email": "email"})
+
+    before, statements, after = check_and_apply(users, config)
+
+    assert len(statements) == 1 and f"ON {quoted} (updated_at, id);" in statements[0], before
+    assert ": present" in after and "CREATE INDEX" not in after, after
+    with users.engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM canary").scalar() == 0
+
+
+def test_partitioned_table_gets_statements_postgresql_accepts(
+    users: UserDb, api: EmulatorServer, tmp_path: Path
+) -> None:
+    """A partitioned table is indexed partition by partition (an existing index is kept), then
+    on the parent without CONCURRENTLY; afterwards check finds the parent's index."""
+    create_table(users, "accounts", partitioned=True)
+    sql(
+        users,
+        "CREATE TABLE accounts_low PARTITION OF accounts FOR VALUES FROM (0) TO (1000)",
+        "CREATE TABLE accounts_high PARTITION OF accounts FOR VALUES FROM (1000) TO (MAXVALUE)",
+        "CREATE INDEX accounts_low_seen ON accounts_low (updated_at, id)",
+    )
+    config = edit(
+        config_for(users, api, tmp_path, table="accounts"), "contacts", {"email": "email"}
+    )
+
+    before, statements, after = check_and_apply(users, config)
+
+    assert statements == [
+        "CREATE INDEX CONCURRENTLY accounts_high_updated_at_id_idx "
+        "ON public.accounts_high (updated_at, id);",
+        "CREATE INDEX accounts_updated_at_id_idx ON accounts (updated_at, id);",
+    ], before
+    assert "partitioned" in before and "CONCURRENTLY" in before
+    assert "index      accounts_updated_at_id_idx on (updated_at, id): present" in after, after
+
+
+def test_partitions_indexed_one_by_one_are_recognised(
+    users: UserDb, api: EmulatorServer, tmp_path: Path
+) -> None:
+    """Every partition holding a (cursor, key) index serves the poll: nothing to create."""
+    create_table(users, "accounts", partitioned=True)
+    sql(
+        users,
+        "CREATE TABLE accounts_low PARTITION OF accounts FOR VALUES FROM (0) TO (1000)",
+        "CREATE TABLE accounts_high PARTITION OF accounts FOR VALUES FROM (1000) TO (MAXVALUE)",
+        "CREATE INDEX ON accounts_low (updated_at, id)",
+        "CREATE INDEX ON accounts_high (updated_at, id, email)",
+    )
+    config = edit(
+        config_for(users, api, tmp_path, table="accounts"), "contacts", {"email": "email"}
+    )
+
+    result = cdc_sync(config, "check")
+
+    assert result.returncode == 0, result.stderr
+    assert (
+        "index      one on each of its 2 partitions on (updated_at, id): present" in result.stdout
+    ), result.stdout
+    assert "CREATE INDEX" not in result.stdout
+
+
+def test_view_gets_no_index_statement_but_the_cost_of_a_poll(
+    users: UserDb, api: EmulatorServer, tmp_path: Path
+) -> None:
+    """PostgreSQL cannot index a view: check says so and shows how a page is planned."""
+    users.add_users(range(1, 4))
+    sql(users, "CREATE VIEW app_users AS SELECT * FROM users WHERE engagelab_euid IS NOT NULL")
+    config = config_for(users, api, tmp_path, table="app_users")
+
+    result = cdc_sync(config, "check")
+
+    assert result.returncode == 0, result.stderr
+    assert (
+        "index      none applies: app_users is a view, which PostgreSQL cannot index: "
+        "every poll runs its query (a page of 500 rows is planned as " in result.stdout
+    )
+    assert "on users, estimated cost " in result.stdout, result.stdout
+    assert "CREATE INDEX" not in result.stdout

@@ -142,7 +142,7 @@ def test_missing_column_names_it_and_lists_the_real_ones(users: UserDb) -> None:
 
 def test_cursor_index_is_found(users: UserDb) -> None:
     """The (cursor, key) index is recognised by its columns."""
-    assert source_for(users).cursor_index() == "users_updated_at_id_idx"
+    assert source_for(users).index_advice().present == "users_updated_at_id_idx"
 
 
 def test_missing_index_gets_a_create_statement(pg_database: str) -> None:
@@ -150,9 +150,11 @@ def test_missing_index_gets_a_create_statement(pg_database: str) -> None:
     db = UserDb(pg_database, index=False)
     source = source_for(db)
 
-    assert source.cursor_index() is None
-    assert source.index_statement() == (
-        "CREATE INDEX CONCURRENTLY users_updated_at_id_idx ON users (updated_at, id);"
+    advice = source.index_advice()
+
+    assert advice.present is None
+    assert advice.statements == (
+        "CREATE INDEX CONCURRENTLY users_updated_at_id_idx ON users (updated_at, id);",
     )
     db.dispose()
 
