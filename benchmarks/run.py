@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 import psycopg
+from burst import measure_burst
 from databases import Databases
 from harness import Bench, progress
 from limits import measure_rate, measure_throttle
@@ -38,12 +39,13 @@ MEASUREMENTS: dict[str, tuple[str, Callable[[Bench], Measurement]]] = {
     "d": ("idle cycle on a 1M-row table; page query plan", measure_idle),
     "e": ("achieved rate against rate_limit", measure_rate),
     "f": ("behaviour against a throttling server", measure_throttle),
+    "g": ("idle cycle after a burst", measure_burst),
 }
 
 
 def _letters(text: str) -> set[str]:
     chosen = {part.strip() for part in text.split(",") if part.strip()}
-    unknown = chosen - set("abcdef")
+    unknown = chosen - set("abcdefg")
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown measurement {', '.join(sorted(unknown))}")
     return chosen
@@ -56,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--only",
         type=_letters,
-        default=set("abcdef"),
+        default=set("abcdefg"),
         help="comma-separated measurements to run, e.g. a,d (a and b run together)",
     )
     p.add_argument("--rows", type=int, default=4000, help="(a) backlog N (default 4000)")
@@ -97,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
         help="(c) SIGTERM each backlog sync after this many seconds; 0: no limit (default 150)",
     )
     p.add_argument("--idle-runs", type=int, default=20, help="(d) idle `once` runs (20)")
+    p.add_argument("--burst-rows", type=int, default=200_000, help="(g) rows in the burst (200000)")
     p.add_argument("--rate-rows", type=int, default=0, help="(e) users to push (default 10·R)")
     p.add_argument("--throttle-rows", type=int, default=2000, help="(f) users (2000)")
     p.add_argument(

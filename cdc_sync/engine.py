@@ -15,12 +15,12 @@ from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
 from cdc_sync.engagelab import ApiResult, Verdict
-from cdc_sync.errors import CdcSyncError, FatalApiError
+from cdc_sync.errors import CdcSyncError, FatalApiError, SourceError
 from cdc_sync.mapping import Mapped, Payload, Skip, SourceRow, map_row
 from cdc_sync.rules import (
     Action,
@@ -31,9 +31,10 @@ from cdc_sync.rules import (
     advance,
     decide,
     missed,
+    reread_from,
     settle,
 )
-from cdc_sync.source import Horizon, Source, lookback_start
+from cdc_sync.source import Horizon, Source
 from cdc_sync.state import RunCounts, StateStore
 
 log = structlog.get_logger("cdc_sync.engine")
@@ -101,6 +102,7 @@ class Engine:
         # it is the only writer of both. (After a lock is lost and won back, the watermark held
         # here can only be older than the stored one: rows are read again, never skipped.)
         self._watermark: Position | None = None
+        self._seen: Any = None  # the horizon (Horizon.seen) of the last cycle's first read
         self._watermark_known = False
         self._next_due: datetime | None = None  # earliest next_attempt_at of a retrying user
         self._due_known = False
@@ -139,7 +141,10 @@ class Engine:
         if self._pruned is None or self.clock() - self._pruned >= PRUNE_EVERY:
             self._pruned = self.clock()
             self.state.prune_runs(self._pruned - self.settings.keep_runs)
-        before = self._watermark if self._watermark_known else self.state.watermark()
+        if not self._watermark_known:
+            progress = self.state.progress()
+            self._watermark, self._seen = progress.watermark, progress.horizon
+        before = self._watermark
         run_id = self.state.start_run(self.clock(), before)
         cycle = _Cycle(self, before)
         log.info("cycle_started", sync=self.settings.name, run_id=run_id)
@@ -164,6 +169,8 @@ class Engine:
             raise
         finally:
             self._watermark, self._watermark_known = cycle.watermark, True
+            if cycle.horizon.seen is not None:  # the first read happened: the next window's anchor
+                self._seen = cycle.horizon.seen
             counts = cycle.counts()
             lag = cycle.horizon.replica_lag
             self.state.finish_run(
@@ -216,12 +223,10 @@ class _Cycle:
         """
         e = self.engine
         size = e.settings.batch_size
-        after: Position | None = None
-        start = None
         if e.source.spec.gap_free:
-            after = self.watermark  # exact: nothing can commit behind it
+            after, start = self.watermark, None  # exact: nothing can commit behind it
         else:
-            start = lookback_start(self.watermark, e.settings.lookback)
+            after, start = self.window(e._seen)
         pending: _Batch | None = None  # the page whose pushes are in flight
         try:
             self.horizon, rows = e.source.first_page(after, start, size)
@@ -241,6 +246,19 @@ class _Cycle:
                 with suppress(Exception):
                     self.finish(pending, retrying=False)
             raise
+
+    def window(self, seen: Any) -> tuple[Position | None, Any]:
+        """Where a scan from the watermark held now starts (:func:`rules.reread_from`)."""
+        lookback = self.engine.settings.lookback
+        try:
+            return reread_from(self.watermark, lookback, seen)
+        except TypeError:  # the cursor column changed type under a stored watermark
+            assert self.watermark is not None
+            raise SourceError(
+                f"the stored watermark {self.watermark.cursor!s} does not fit the cursor column "
+                "(did its type change?)",
+                "reset this sync's row in cdc_sync_state, or restore the column's type",
+            ) from None
 
     def retry_due(self, stop: threading.Event) -> None:
         """Retry users whose backoff has expired, from their current source row."""
@@ -305,7 +323,7 @@ class _Cycle:
                 ceiling is not None and positions[-1].cursor > ceiling
             )
         moved = watermark if watermark != self.watermark else None
-        e.state.commit_page(updates, moved, batch.now)
+        e.state.commit_page(updates, moved, batch.now, self.horizon.seen)
         self.watermark = watermark
         log.info(
             "page_recorded",
@@ -336,7 +354,10 @@ class _Cycle:
         e = self.engine
         if self.watermark is None:
             return
-        settled = _settled(self.watermark, e.source.spec.gap_free, e.settings.lookback)
+        if e.source.spec.gap_free:
+            settled = _settled(self.watermark, None)
+        else:
+            settled = _settled(*self.window(self.horizon.seen or e._seen))
         budget = e.settings.audit_rows
         after = e.state.audit_position()
         while budget > 0 and not stop.is_set():
@@ -386,14 +407,11 @@ class _Cycle:
 _VANISHED = Skip("row no longer in the source")
 
 
-def _settled(
-    watermark: Position, exact: bool, lookback: timedelta | int
-) -> Callable[[SourceRow], bool]:
-    """Whether the poller is done with a row: at or behind the watermark in xid8 mode; behind
-    the start of the lookback window (which every cycle reads again) in timestamp mode."""
-    if exact:
-        return lambda row: (row.cursor, row.key) <= (watermark.cursor, watermark.key)
-    start = lookback_start(watermark, lookback)
+def _settled(after: Position | None, start: Any) -> Callable[[SourceRow], bool]:
+    """Whether the poller is done with a row: behind where the next scan starts, strictly after
+    ``after`` or from ``start`` (:meth:`_Cycle.window`; in xid8 mode after the watermark)."""
+    if after is not None:
+        return lambda row: (row.cursor, row.key) <= (after.cursor, after.key)
     return lambda row: bool(row.cursor < start)
 
 

@@ -65,6 +65,12 @@ sync_state = Table(
     Column("key_value", Text, comment="watermark key, type-tagged text"),
     Column("audit_key", Text, comment="where the audit sweep resumes, type-tagged text"),
     Column("updated_at", UtcDateTime, nullable=False),
+    Column("horizon_value", Text, comment="what the read behind the watermark saw, type-tagged"),
+    Column("reach_key", Text, comment="where the sweep of rows outside the cursor's reach resumes"),
+    Column("reach_rows", Integer, comment="rows with a NULL or infinite cursor at the last sweep"),
+    Column("reach_checked_at", UtcDateTime, comment="when the last sweep of those rows finished"),
+    Column("held_rows", Integer, comment="rows ahead of the source's clock holding the watermark"),
+    Column("held_by_s", Float, comment="how far the furthest of them is ahead, in seconds"),
     comment="Per sync: the watermark, the last (cursor, key) whose outcome is recorded.",
 )
 

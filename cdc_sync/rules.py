@@ -3,7 +3,8 @@
 * :func:`decide` — given a mapped row and what the status table says about that user, what to do;
 * :func:`settle` — given that decision and the API's answer, the user's new status row;
 * :func:`backoff` — when a transiently failed user is tried again;
-* :func:`advance` — how far the watermark may move after a page.
+* :func:`advance` — how far the watermark may move after a page;
+* :func:`reread_from` — where the next cycle starts reading, to catch rows that commit late.
 
 None of these touch a database or the network, so they are pinned by tables and properties.
 """
@@ -219,6 +220,42 @@ def advance(
         if best is None or (position.cursor, position.key) > (best.cursor, best.key):
             best = position
     return best
+
+
+def reread_from(
+    watermark: Position | None, lookback: Any, seen: Any = None
+) -> tuple[Position | None, Any]:
+    """Where a cycle starts reading, as ``(after, start)``: strictly after the position
+    ``after``, or from the cursor value ``start`` inclusive (both None: from the top).
+
+    ``seen`` is the previous cycle's horizon: the time up to which every commit was visible to
+    its first read (the source's clock on a primary; on a standby how far replay had got). None
+    when unknown (a restart before the migration, a numeric cursor, SQLite): then the window is
+    ``lookback`` behind the watermark, as it always was.
+
+    Why ``seen - lookback`` is far enough back. The lookback is the promise that a transaction
+    commits (becomes visible) within ``lookback`` of the cursor value it stamps, its start time
+    or later. A row the previous read could not see belongs to a transaction that had not
+    committed by ``seen``, so it stamped a cursor after ``seen - lookback``. Every row stamped
+    before that was visible to the previous read, and the previous cycle read every visible row
+    from its own start on, up to where the watermark now stands (the watermark only moves over
+    rows read and recorded; rows before that cycle's start are the same argument one cycle
+    earlier). So only rows stamped at or after ``seen - lookback`` can be new behind the
+    watermark. When that edge is past the watermark's cursor, nothing behind the watermark can
+    be new, and the cycle resumes strictly after it: rows tied at the watermark's value are not
+    re-read either. The old window, ``lookback`` behind the watermark, is anchored to the last
+    change instead of to time: after a burst it re-read the whole burst every idle cycle until
+    the next write. An older ``seen`` paired with a newer watermark (the horizon is stored only
+    when the watermark moves) only widens the window, which is always safe.
+    """
+    if watermark is None:
+        return None, None
+    if seen is None:
+        return None, watermark.cursor - lookback
+    edge = seen - lookback
+    if edge > watermark.cursor:
+        return watermark, None
+    return None, edge
 
 
 def missed(mapped: Mapped, record: Record | None) -> bool:

@@ -89,11 +89,16 @@ class Horizon:
     ``ceiling``: the source's clock in the cursor column's type; the watermark never passes it,
     so a row stamped by a clock running ahead cannot carry the watermark past rows that are not
     visible yet. ``replica_lag``: seconds the replica is behind its primary (0 when caught up,
-    None when the source is not a replica).
+    None when the source is not a replica). ``seen``: the time up to which every commit is
+    visible to this read, for a ``timestamptz`` cursor (see :func:`cdc_sync.rules.reread_from`):
+    the clock on a primary; on a standby how far replay had got, not its wall clock, or, when
+    it had replayed everything its primary last reported, when the primary reported it (so a
+    primary gone quiet does not hold it back). None where unknown.
     """
 
     ceiling: Any = None
     replica_lag: float | None = None
+    seen: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,26 +190,6 @@ def page_params(after: Position | None, start: Any) -> dict[str, Any]:
     if start is not None:
         return {"start": start}
     return {}
-
-
-def lookback_start(watermark: Position | None, lookback: timedelta | int) -> Any:
-    """Where a cycle starts: ``lookback`` before the watermark's cursor (None: the top).
-
-    :meth:`Source.fit_lookback` has already matched the lookback to the cursor's type at start-up;
-    a stored watermark of another type (the cursor column changed type) is still refused here.
-    """
-    if watermark is None:
-        return None
-    cursor = watermark.cursor
-    if isinstance(cursor, datetime | date) and isinstance(lookback, timedelta):
-        return cursor - lookback
-    if isinstance(cursor, int | Decimal | float) and isinstance(lookback, int):
-        return cursor - lookback
-    raise SourceError(
-        f"source.lookback {_written(lookback)} does not fit the stored watermark "
-        f"{cursor} ({'a timestamp' if isinstance(cursor, date) else 'a number'})",
-        "use a duration (e.g. 5m) for a timestamp cursor and a whole number for a numeric one",
-    )
 
 
 def lookback_problem(
@@ -351,10 +336,11 @@ class Source:
         if self.engine.dialect.name != "postgresql":
             return Horizon()
         [row] = self._run(select(*self._horizon_columns()))
-        return Horizon(row[0], row[1])
+        return Horizon(*row)
 
-    def _horizon_columns(self) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
-        """The ceiling (NULL unless the cursor is a timestamp or date) and the replica lag."""
+    def _horizon_columns(self) -> tuple[ColumnElement[Any], ...]:
+        """The ceiling (NULL unless the cursor is a timestamp or date), the replica lag, and
+        what the read can see (NULL unless the cursor is a timestamptz): see :class:`Horizon`."""
         cursor = self.table.c[self.spec.cursor]
         temporal = _python_type(cursor) in (datetime, date) and not self.spec.gap_free
         ceiling = cast(func.now(), cursor.type) if temporal else null()
@@ -363,7 +349,9 @@ class Source:
             " WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0.0"
             " ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END"
         )
-        return ceiling.label("ceiling"), lag.label("replica_lag")
+        zoned = isinstance(cursor.type, DateTime) and cursor.type.timezone
+        seen = _SEEN if zoned and not self.spec.gap_free else null()
+        return ceiling.label("ceiling"), lag.label("replica_lag"), seen.label("seen")
 
     def longest_write_transaction(self) -> float | None:
         """Seconds the oldest write transaction running now has been open, on a primary.
@@ -397,8 +385,8 @@ class Source:
             return Horizon(), self.read_page(after, start, limit)
         query = self._page(after is not None, start is not None, limit, with_horizon=True)
         rows = self._run(query, page_params(after, start))
-        horizon = Horizon(rows[0][0], rows[0][1])
-        found = [row[3:] for row in rows if row[2] is not None]
+        horizon = Horizon(*rows[0][:3])
+        found = [row[4:] for row in rows if row[3] is not None]
         return horizon, self._rows(found)
 
     def _page(self, after: bool, start: bool, limit: int, *, with_horizon: bool) -> Select[Any]:
@@ -595,9 +583,9 @@ class Source:
 
 
 def _with_horizon(
-    page: Select[Any], horizon: tuple[ColumnElement[Any], ColumnElement[Any]], spec: SourceSpec
+    page: Select[Any], horizon: tuple[ColumnElement[Any], ...], spec: SourceSpec
 ) -> Select[Any]:
-    """``SELECT ceiling, replica_lag, found, <page columns> FROM (SELECT <horizon>) LEFT JOIN
+    """``SELECT ceiling, replica_lag, seen, found, <page columns> FROM (SELECT <horizon>) LEFT JOIN
     LATERAL (<page>) ON true ORDER BY cursor, key``: one row of NULLs after the horizon when the
     page is empty, told apart by ``found``. The outer ORDER BY is what guarantees the order (a
     join promises none); on a page already in order it is a cheap sort of at most a page."""
@@ -620,6 +608,16 @@ _decode_text = functools.partial(str, encoding="utf-8", errors="surrogateescape"
 def _lenient_text(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.text_factory = _decode_text
 
+
+# What a read on this server can see (Horizon.seen). A standby that has replayed everything its
+# primary last reported (latest_end_lsn, sent at last_msg_send_time) has seen up to that report;
+# pg_stat_wal_receiver shows those only to pg_read_all_stats, and NULL is ignored by greatest().
+_SEEN = literal_column(
+    "CASE WHEN NOT pg_is_in_recovery() THEN now() ELSE greatest("
+    "pg_last_xact_replay_timestamp(), (SELECT last_msg_send_time FROM pg_stat_wal_receiver"
+    " WHERE latest_end_lsn <= pg_last_wal_replay_lsn())) END",
+    type_=DateTime(timezone=True),
+)
 
 # The kind of relation the configured name is: r table, p partitioned, v view, m materialized
 # view, f foreign table. The name is passed quoted, as to_regclass parses it.

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 # Every migration in migrations/versions, oldest first (a test holds them to alembic's own view).
-REVISIONS = ("0001", "0002")
+REVISIONS = ("0001", "0002", "0003")
 SCHEMA_HEAD = REVISIONS[-1]
 
 SHARED_VERSION_TABLE = "alembic_version"
@@ -125,6 +125,10 @@ def decode_value(text: str) -> Any:
     return _DECODERS[tag](raw)
 
 
+def _decoded(text: str | None) -> Any:
+    return None if text is None else decode_value(text)
+
+
 def describe(position: Position | None) -> str | None:
     """A human form of a watermark for run history and status output."""
     if position is None:
@@ -134,6 +138,25 @@ def describe(position: Position | None) -> str | None:
 
 def _plain(value: Any) -> Any:
     return value if isinstance(value, int | str) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """This sync's row of ``cdc_sync_state``: where each of its readers stands.
+
+    ``horizon``: what the read behind the watermark could see (``Horizon.seen``), the anchor of
+    the next re-read window. ``reach_*``: the sweep of rows outside the cursor's reach (NULL or
+    infinite cursor): where it resumes, how many there were and when it last finished.
+    ``held_*``: rows stamped ahead of the source's clock that held the watermark last cycle.
+    """
+
+    watermark: Position | None = None
+    horizon: Any = None
+    reach_key: Any = None
+    reach_rows: int | None = None
+    reach_checked_at: datetime | None = None
+    held_rows: int | None = None
+    held_by_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,11 +263,26 @@ class StateStore:
     # -- reads ----------------------------------------------------------------------------
 
     def watermark(self) -> Position | None:
+        return self.progress().watermark
+
+    def progress(self) -> Progress:
+        """This sync's row of ``cdc_sync_state``, in one query."""
         with self._connect() as connection:
-            row = connection.execute(_WATERMARK, {"sync": self.sync_name}).first()
-        if row is None or row.cursor_value is None:
-            return None
-        return Position(decode_value(row.cursor_value), decode_value(row.key_value))
+            row = connection.execute(_PROGRESS, {"sync": self.sync_name}).first()
+        if row is None:
+            return Progress()
+        watermark = None
+        if row.cursor_value is not None:
+            watermark = Position(decode_value(row.cursor_value), decode_value(row.key_value))
+        return Progress(
+            watermark=watermark,
+            horizon=_decoded(row.horizon_value),
+            reach_key=_decoded(row.reach_key),
+            reach_rows=row.reach_rows,
+            reach_checked_at=row.reach_checked_at,
+            held_rows=row.held_rows,
+            held_by_s=row.held_by_s,
+        )
 
     def records(self, keys: Sequence[str]) -> dict[str, Record]:
         """The status rows of ``keys``: those read lately from memory, the rest in one query.
@@ -313,18 +351,24 @@ class StateStore:
     # -- writes ---------------------------------------------------------------------------
 
     def commit_page(
-        self, updates: Sequence[Update], watermark: Position | None, now: datetime
+        self,
+        updates: Sequence[Update],
+        watermark: Position | None,
+        now: datetime,
+        horizon: Any = None,
     ) -> None:
         """Record a page's outcomes and move the watermark, in one transaction.
 
         ``watermark`` None leaves it where it is; with nothing to write, nothing is sent.
+        ``horizon`` is what the read behind the watermark could see (``Horizon.seen``), stored
+        with it (None: the horizon is cleared, and the next start uses the plain lookback).
         """
         if not updates and watermark is None:
             return
         with self._transaction() as connection:
             self._upsert_status(connection, [self._row(u, now) for u in updates])
             if watermark is not None:
-                self._store_watermark(connection, watermark, now)
+                self._store_watermark(connection, watermark, now, horizon)
         if self._unchecked is not None and updates:
             self._analyze_if_new(len(updates))
 
@@ -418,9 +462,12 @@ class StateStore:
             "updated_at": now,
         }
 
-    def _store_watermark(self, connection: Connection, position: Position, now: datetime) -> None:
+    def _store_watermark(
+        self, connection: Connection, position: Position, now: datetime, horizon: Any
+    ) -> None:
         cursor, key = encode_value(position.cursor), encode_value(position.key)
-        self._store_state(connection, now, cursor_value=cursor, key_value=key)
+        seen = None if horizon is None else encode_value(horizon)
+        self._store_state(connection, now, cursor_value=cursor, key_value=key, horizon_value=seen)
 
     def _store_state(self, connection: Connection, now: datetime, **values: Any) -> None:
         """Set these columns of this sync's row in ``cdc_sync_state``, creating it if need be."""
@@ -614,9 +661,7 @@ class StateStore:
 
 # The statements of every cycle, built once: SQLAlchemy then skips construction and cache-key
 # work, which on an idle poll cost more than the round trips. Values are bound at execution.
-_WATERMARK = select(sync_state.c.cursor_value, sync_state.c.key_value).where(
-    sync_state.c.sync_name == bindparam("sync")
-)
+_PROGRESS = select(sync_state).where(sync_state.c.sync_name == bindparam("sync"))
 _VERSION = text(f"SELECT version_num FROM {VERSION_TABLE}")  # noqa: S608 - a constant name
 _START_RUN = insert(sync_runs)  # the columns are those of the row executed with
 _FINISH_RUN = update(sync_runs).where(sync_runs.c.id == bindparam("run"))  # SET: the other keys

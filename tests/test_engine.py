@@ -389,3 +389,22 @@ def test_a_new_tenure_of_the_lock_reads_the_state_again(world: World) -> None:
 
     assert seen.count("SELECT") == 4  # watermark, last hashes, due retries, earliest retry
     assert seen.count("UPDATE") == 2  # abandoned runs, run end
+
+
+def test_an_idle_cycle_after_a_burst_re_reads_none_of_it(world: World) -> None:
+    """Once a read has seen past a burst by more than the lookback, idle cycles (of this engine
+    or of a restarted one) re-read nothing, and the next change is still pushed."""
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    world.users.add_users(range(1, 41), updated_at=an_hour_ago)  # a migration touching every row
+    engine = world.engine()
+    first = engine.run_cycle()
+
+    idle = engine.run_cycle()
+    restarted = world.cycle()
+    world.users.change(5, email="new@example.com")
+    changed = world.cycle()
+
+    assert first.counts.pushed == 40
+    assert (idle.counts.rows_read, restarted.counts.rows_read) == (0, 0)
+    assert (changed.counts.rows_read, changed.counts.pushed) == (1, 1)
+    assert world.emulator.received(1005)[-1] == {"email": "new@example.com"}

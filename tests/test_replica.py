@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 from harness import World
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, func, select, text
 from userdb import CONTACT_COLUMNS, UserDb
 
 from cdc_sync.models import sync_runs
@@ -315,3 +315,63 @@ def test_status_shows_the_replica_lag_of_each_run(standby_pair, tmp_path) -> Non
     assert "audit misses" in header
     assert lag.endswith("s") and float(lag[:-1]) >= 0
     primary.drop_database("lagview")
+
+
+def test_a_long_transaction_within_the_lookback_is_caught_after_idle_cycles(world: World) -> None:
+    """Idle cycles resume after the watermark, yet a transaction stamped before a later read and
+    committed within the lookback is read by the next cycle: the window reaches back from time."""
+    world.users.add_users(range(1, 4), updated_at=datetime.now(UTC) - timedelta(hours=1))
+    engine = world.engine()
+    engine.run_cycle()
+    idle = engine.run_cycle()
+    long_tx = open_long_transaction(world.users, 1, "late@example.com")
+    world.users.add_users([4])  # committed and read while user 1's transaction is open
+    engine.run_cycle()
+
+    long_tx.commit()
+    long_tx.close()
+    after = engine.run_cycle()
+
+    assert idle.counts.rows_read == 0
+    assert after.counts.pushed == 1
+    assert world.emulator.received(1001)[-1] == {"email": "late@example.com"}
+
+
+def test_a_lagging_standby_anchors_the_window_at_its_replay(standby_pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A commit a paused standby had not replayed when a cycle read it is caught by the next
+    cycle, though its stamp is older than the standby's clock at that read minus the lookback."""
+    primary, standby = standby_pair
+    primary.create_database("paused")
+    with World.running(
+        primary.url("paused"), f"sqlite:///{tmp_path}/s.db", read_url=standby.url("paused")
+    ) as world:
+        world.lookback = timedelta(seconds=1)
+        world.users.add_users(range(1, 4))
+        primary.wait_for_replay(standby)
+        engine = world.engine()
+        engine.run_cycle()
+        standby.execute("SELECT pg_wal_replay_pause()")
+        try:
+            # As long a transaction as the lookback allows: stamped 0.9 s before it commits.
+            late = func.now() - timedelta(milliseconds=900)
+            world.users.change(2, email="late@example.com", updated_at=late)
+            with world.users.engine.connect() as connection:
+                committed = connection.scalar(select(func.now()))
+            with world.source_engine.connect() as connection:
+                wait_for(
+                    lambda: (
+                        connection.scalar(select(func.clock_timestamp()))
+                        > committed + timedelta(milliseconds=500)
+                    ),
+                    "the standby's clock to pass the commit by half a second",
+                )
+            during = engine.run_cycle()  # the standby has not replayed the change
+        finally:
+            standby.execute("SELECT pg_wal_replay_resume()")
+        primary.wait_for_replay(standby)
+        after = engine.run_cycle()
+
+        assert during.counts.pushed == 0
+        assert after.counts.pushed == 1
+        assert world.emulator.received(1002)[-1] == {"email": "late@example.com"}
+    primary.drop_database("paused")

@@ -1,4 +1,4 @@
-"""The pure decisions: decide, settle, backoff and advance."""
+"""The pure decisions: decide, settle, backoff, advance and reread_from."""
 
 from datetime import UTC, datetime, timedelta
 
@@ -18,6 +18,7 @@ from cdc_sync.rules import (
     backoff,
     decide,
     missed,
+    reread_from,
     settle,
 )
 
@@ -269,3 +270,42 @@ def test_the_audit_never_requeues_a_row_whose_key_the_status_table_cannot_hold()
 
     assert missed(long_key, None) is False
     assert missed(PUSHABLE, None) is True
+
+
+M5 = timedelta(minutes=5)
+
+
+@pytest.mark.parametrize(
+    ("watermark", "lookback", "seen", "window"),
+    [
+        (None, M5, NOW, (None, None)),
+        (Position(NOW, 7), M5, None, (None, NOW - M5)),  # horizon unknown: behind the watermark
+        (Position(1000, 7), 50, None, (None, 950)),
+        (Position(NOW, 7), M5, NOW + timedelta(seconds=1), (None, NOW - M5 + timedelta(seconds=1))),
+        (Position(NOW, 7), M5, NOW + M5, (None, NOW)),  # the edge at the watermark: ties re-read
+        (Position(NOW, 7), M5, NOW + M5 * 2, (Position(NOW, 7), None)),  # an idle table
+        (Position(NOW, 7), timedelta(0), NOW, (None, NOW)),
+        (Position(NOW, 7), timedelta(0), LATER, (Position(NOW, 7), None)),
+        (Position(NOW, 7), M5, EARLIER, (None, EARLIER - M5)),  # a standby behind the rows
+    ],
+)
+def test_reread_from(watermark, lookback, seen, window) -> None:  # type: ignore[no-untyped-def]
+    """The window reaches back the lookback from what the last read saw, or the watermark."""
+    assert reread_from(watermark, lookback, seen) == window
+
+
+@given(
+    mark=st.tuples(st.integers(0, 100), st.integers(0, 5)),
+    lookback=st.integers(0, 50),
+    seen=st.none() | st.integers(0, 200),
+    row=st.tuples(st.integers(0, 200), st.integers(0, 5)),
+)
+def test_reread_from_reaches_every_row_that_may_be_new(mark, lookback, seen, row) -> None:  # type: ignore[no-untyped-def]
+    """Every row after the watermark, and every row the last read may not have seen (stamped at
+    or after ``seen - lookback``, or ``lookback`` behind the watermark when unknown), is read."""
+    after, start = reread_from(Position(*mark), lookback, seen)
+
+    read = row > (after.cursor, after.key) if after is not None else row[0] >= start
+    anchor = mark[0] if seen is None else seen
+    if row > mark or row[0] >= anchor - lookback:
+        assert read

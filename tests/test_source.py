@@ -14,7 +14,7 @@ from userdb import CONTACT_COLUMNS, UserDb
 
 from cdc_sync.errors import SourceError
 from cdc_sync.rules import Position
-from cdc_sync.source import Source, SourceSpec, lookback_problem, lookback_start
+from cdc_sync.source import Source, SourceSpec, lookback_problem
 
 SPEC = SourceSpec("users", "id", "updated_at", "engagelab_euid", CONTACT_COLUMNS)
 STAMP = datetime(2026, 1, 1, tzinfo=UTC)
@@ -210,28 +210,6 @@ def test_statement_timeout_cancels_a_slow_read(pg_database: str) -> None:
     with pytest.raises(SourceError, match="statement timeout"):
         source_for(db, spec).read_page(None, None, 10)
     db.dispose()
-
-
-@pytest.mark.parametrize(
-    ("cursor", "lookback", "start"),
-    [
-        (STAMP, timedelta(minutes=5), STAMP - timedelta(minutes=5)),
-        (STAMP.date(), timedelta(days=1), STAMP.date() - timedelta(days=1)),
-        (1000, 50, 950),
-        (Decimal("1000.5"), 50, Decimal("950.5")),
-    ],
-)
-def test_lookback_start(cursor: Any, lookback: Any, start: Any) -> None:
-    """The first page starts the lookback before the watermark's cursor."""
-    assert lookback_start(Position(cursor, 1), lookback) == start
-    assert lookback_start(None, lookback) is None
-
-
-@pytest.mark.parametrize(("cursor", "lookback"), [(STAMP, 300), (1000, timedelta(minutes=5))])
-def test_lookback_that_does_not_fit_the_cursor_is_refused(cursor: Any, lookback: Any) -> None:
-    """A duration lookback on a numeric cursor, or a number on a timestamp, is a clear error."""
-    with pytest.raises(SourceError, match="does not fit the stored watermark"):
-        lookback_start(Position(cursor, 1), lookback)
 
 
 @pytest.mark.parametrize(
