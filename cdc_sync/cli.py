@@ -218,7 +218,7 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
 
 def cmd_status(app: App, args: argparse.Namespace) -> int:
     app.state.require_schema()
-    print(render_status(app.settings.name, app.state, limit=args.limit))
+    print(render_status(app.settings.name, app.state, app.state.progress(), limit=args.limit))
     return 0
 
 

@@ -35,11 +35,15 @@ from cdc_sync.rules import (
     settle,
 )
 from cdc_sync.source import Horizon, Source
-from cdc_sync.state import RunCounts, StateStore
+from cdc_sync.state import Progress, RunCounts, StateStore
 
 log = structlog.get_logger("cdc_sync.engine")
 
 PRUNE_EVERY = timedelta(hours=1)  # how often old run history is deleted
+# How often rows outside the keyset scan's reach (a NULL or infinite cursor) are swept by key.
+# A row can enter that set at any time (an insert without the cursor), so the sweep comes back;
+# between sweeps it costs an idle cycle nothing. With the audit on, the audit covers them too.
+REACH_EVERY = timedelta(hours=1)
 
 
 class Pusher(Protocol):
@@ -103,6 +107,7 @@ class Engine:
         # here can only be older than the stored one: rows are read again, never skipped.)
         self._watermark: Position | None = None
         self._seen: Any = None  # the horizon (Horizon.seen) of the last cycle's first read
+        self._progress = Progress()  # what the state row said of the sweeps, when last read
         self._watermark_known = False
         self._next_due: datetime | None = None  # earliest next_attempt_at of a retrying user
         self._due_known = False
@@ -120,6 +125,34 @@ class Engine:
         """A user was (re)scheduled for a retry at ``when``."""
         if self._due_known and when is not None:
             self._next_due = when if self._next_due is None else min(self._next_due, when)
+
+    def _note_held(self, cycle: _Cycle) -> None:
+        """Rows stamped ahead of the source's clock hold the watermark: say so in the log, and
+        in the state row for ``status`` when their number changes (not on every idle cycle)."""
+        rows = cycle.ahead_rows
+        by = cycle.ahead_by
+        seconds = by.total_seconds() if isinstance(by, timedelta) else None
+        if rows:
+            log.warning(
+                "watermark_held",
+                sync=self.settings.name,
+                rows_ahead=rows,
+                ahead_by_s=seconds,
+                reason="rows stamped ahead of the source's clock (a writer's clock or time zone "
+                "ahead of the server's); the watermark waits at the clock, and they are re-read",
+            )
+        if rows != (self._progress.held_rows or 0):
+            self._progress = self.state.store_held(self.clock(), rows, seconds)
+
+    def reach_due(self, now: datetime) -> bool:
+        """Whether rows outside the cursor's reach are to be swept this cycle: never swept, a
+        sweep under way, or the last one finished REACH_EVERY ago."""
+        p = self._progress
+        return (
+            p.reach_checked_at is None
+            or p.reach_key is not None
+            or now - p.reach_checked_at >= REACH_EVERY
+        )
 
     def retries_may_be_due(self, now: datetime) -> bool:
         return not self._due_known or (self._next_due is not None and self._next_due <= now)
@@ -142,7 +175,7 @@ class Engine:
             self._pruned = self.clock()
             self.state.prune_runs(self._pruned - self.settings.keep_runs)
         if not self._watermark_known:
-            progress = self.state.progress()
+            progress = self._progress = self.state.progress()
             self._watermark, self._seen = progress.watermark, progress.horizon
         before = self._watermark
         run_id = self.state.start_run(self.clock(), before)
@@ -152,6 +185,8 @@ class Engine:
         try:
             self.pusher.resume()
             cycle.scan(stop)
+            if self.reach_due(self.clock()) and not stop.is_set():
+                cycle.sweep_outside(stop)
             if self.settings.audit_rows and not stop.is_set():
                 cycle.audit(stop)
             if not stop.is_set():
@@ -169,6 +204,7 @@ class Engine:
             raise
         finally:
             self._watermark, self._watermark_known = cycle.watermark, True
+            self._note_held(cycle)
             if cycle.horizon.seen is not None:  # the first read happened: the next window's anchor
                 self._seen = cycle.horizon.seen
             counts = cycle.counts()
@@ -213,6 +249,8 @@ class _Cycle:
         self.watermark = watermark
         self.horizon = Horizon()
         self.held = False  # a row the watermark may not pass was met: it moves no further
+        self.ahead_rows = 0  # rows read stamped ahead of the source's clock (they hold it)
+        self.ahead_by: Any = None  # how far the furthest of them is ahead
         self.tally: Counter[str] = Counter()
 
     def scan(self, stop: threading.Event) -> None:
@@ -246,6 +284,37 @@ class _Cycle:
                 with suppress(Exception):
                     self.finish(pending, retrying=False)
             raise
+
+    def sweep_outside(self, stop: threading.Event) -> None:
+        """Read the rows the keyset scan cannot reach (a NULL or infinite cursor) in key order,
+        page by page, and sync them as the scan would, without moving the watermark.
+
+        Where the sweep stands is stored after each page, so a stop or a restart resumes it; once
+        done, the rows are counted (for ``status``) and the sweep rests for REACH_EVERY.
+        """
+        e = self.engine
+        size = e.settings.batch_size
+        after = e._progress.reach_key
+        while not stop.is_set():
+            rows = e.source.read_by_key(after, size, outside=True)
+            if rows:
+                self.finish(self.send(rows, retrying=False), retrying=False, sweep=True)
+            after = rows[-1].key if len(rows) == size else None
+            now = e.clock()
+            if after is not None:
+                e._progress = e.state.store_reach(now, after)
+                continue
+            nulls, infinite = e.source.outside_reach()
+            e._progress = e.state.store_reach(now, None, nulls + infinite)
+            if nulls or infinite:
+                log.warning(
+                    "rows_outside_cursor_reach",
+                    sync=e.settings.name,
+                    null_cursor=nulls,
+                    infinite_cursor=infinite,
+                    hint="read by key once an hour; run `cdc-sync check` for the schema fix",
+                )
+            return
 
     def window(self, seen: Any) -> tuple[Position | None, Any]:
         """Where a scan from the watermark held now starts (:func:`rules.reread_from`)."""
@@ -293,8 +362,10 @@ class _Cycle:
         answers = e.pusher.submit([_payload(mapped[i]) for i in sending])
         return _Batch(rows, mapped, keys, records, actions, sending, answers, now)
 
-    def finish(self, batch: _Batch, *, retrying: bool) -> None:
-        """Wait for a page's answers; record its outcomes and move the watermark, in one commit."""
+    def finish(self, batch: _Batch, *, retrying: bool, sweep: bool = False) -> None:
+        """Wait for a page's answers; record its outcomes and move the watermark, in one commit.
+
+        Pages of retries and of the sweep by key (``sweep``) leave the watermark alone."""
         e = self.engine
         answers = batch.answers.result()
         results: dict[int, ApiResult | None] = dict(zip(batch.sending, answers, strict=True))
@@ -315,13 +386,17 @@ class _Cycle:
         self.tally["rows_read"] += len(batch.rows)
 
         watermark = self.watermark
-        if not retrying and not self.held:
+        ceiling = self.horizon.ceiling
+        if not retrying and not sweep:
             positions = [Position(row.cursor, row.key) for row in batch.rows]
-            watermark = advance(self.watermark, positions, recorded, self.horizon.ceiling)
-            ceiling = self.horizon.ceiling
-            self.held = not all(recorded) or (
-                ceiling is not None and positions[-1].cursor > ceiling
-            )
+            if ceiling is not None and positions[-1].cursor > ceiling:  # in order: a suffix
+                self.ahead_rows += sum(1 for p in positions if p.cursor > ceiling)
+                self.ahead_by = positions[-1].cursor - ceiling
+            if not self.held:
+                watermark = advance(self.watermark, positions, recorded, ceiling)
+                self.held = not all(recorded) or (
+                    ceiling is not None and positions[-1].cursor > ceiling
+                )
         moved = watermark if watermark != self.watermark else None
         e.state.commit_page(updates, moved, batch.now, self.horizon.seen)
         self.watermark = watermark
@@ -355,9 +430,10 @@ class _Cycle:
         if self.watermark is None:
             return
         if e.source.spec.gap_free:
-            settled = _settled(self.watermark, None)
+            settled = _settled(self.watermark, None, e._progress.reach_checked_at is not None)
         else:
-            settled = _settled(*self.window(self.horizon.seen or e._seen))
+            window = self.window(self.horizon.seen or e._seen)
+            settled = _settled(*window, e._progress.reach_checked_at is not None)
         budget = e.settings.audit_rows
         after = e.state.audit_position()
         while budget > 0 and not stop.is_set():
@@ -407,12 +483,20 @@ class _Cycle:
 _VANISHED = Skip("row no longer in the source")
 
 
-def _settled(after: Position | None, start: Any) -> Callable[[SourceRow], bool]:
+def _settled(after: Position | None, start: Any, swept: bool) -> Callable[[SourceRow], bool]:
     """Whether the poller is done with a row: behind where the next scan starts, strictly after
-    ``after`` or from ``start`` (:meth:`_Cycle.window`; in xid8 mode after the watermark)."""
-    if after is not None:
-        return lambda row: (row.cursor, row.key) <= (after.cursor, after.key)
-    return lambda row: bool(row.cursor < start)
+    ``after`` or from ``start`` (:meth:`_Cycle.window`; in xid8 mode after the watermark). A
+    row with no cursor (NULL or infinite) is done once the sweep by key has finished (``swept``).
+    """
+
+    def done(row: SourceRow) -> bool:
+        if row.cursor is None:
+            return swept
+        if after is not None:
+            return bool((row.cursor, row.key) <= (after.cursor, after.key))
+        return bool(row.cursor < start)
+
+    return done
 
 
 def _payload(mapped: Mapped) -> Payload:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import make_url
 
 from cdc_sync.config import format_duration
-from cdc_sync.state import StateStore, describe
+from cdc_sync.state import Progress, StateStore, describe
 
 if TYPE_CHECKING:
     from cdc_sync.config import Settings
@@ -36,7 +36,7 @@ def _cell(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def render_status(name: str, state: StateStore, *, limit: int = 10) -> str:
+def render_status(name: str, state: StateStore, progress: Progress, *, limit: int = 10) -> str:
     counts = state.counts_by_status()
     by_status = ", ".join(
         f"{k} {counts.get(k, 0)}" for k in ("synced", "retrying", "failed", "skipped")
@@ -45,7 +45,8 @@ def render_status(name: str, state: StateStore, *, limit: int = 10) -> str:
     problems = state.recent_problems(limit)
     parts = [
         f"sync {name}",
-        f"  watermark: {describe(state.watermark()) or 'none (the next cycle reads everything)'}",
+        f"  watermark: {describe(progress.watermark) or 'none (the next cycle reads everything)'}",
+        *progress_lines(progress),
         f"  users: {by_status} (total {sum(counts.values())})",
         "",
         "recent runs (newest first)",
@@ -117,6 +118,23 @@ def render_status(name: str, state: StateStore, *, limit: int = 10) -> str:
     return "\n".join(parts)
 
 
+def progress_lines(progress: Progress) -> list[str]:
+    """What ``status`` says of the rows the watermark cannot cover: outside the cursor's reach,
+    and ahead of the source's clock."""
+    lines = []
+    if progress.reach_checked_at is None:
+        lines.append("  outside the cursor's reach: not counted yet (the next cycle sweeps them)")
+    else:
+        lines.append(
+            f"  outside the cursor's reach: {progress.reach_rows} rows (NULL or infinite cursor), "
+            f"read by key; counted {_cell(progress.reach_checked_at)}"
+            + ("; sweep under way" if progress.reach_key is not None else "")
+        )
+    if progress.held_rows:
+        lines.append(f"  watermark held: {held_text(progress.held_rows, progress.held_by_s)}")
+    return lines
+
+
 def render_check(
     settings: Settings,
     spec: SourceSpec,
@@ -133,6 +151,7 @@ def render_check(
         f"table      {spec.qualified_table}: columns {', '.join(spec.columns())} present",
     ]
     lines += index_lines(facts.index, spec.cursor, spec.key)
+    lines += cursor_lines(facts, spec.cursor)
     if spec.gap_free:
         lines.append(
             "lookback   not used: cursor_mode xid8 reads nothing a running transaction "
@@ -165,6 +184,50 @@ def render_check(
     if route is not None:
         lines.append(f"proxy      {route}")
     return "\n".join(lines), ok
+
+
+def cursor_lines(facts: SourceFacts, cursor: str) -> list[str]:
+    """What ``check`` says of the cursor column: its type, the rows outside the keyset scan's
+    reach (NULL or infinite) with the fix, a zone-less type's risks, rows ahead of the clock."""
+    nullable = "nullable" if facts.nullable else "NOT NULL"
+    lines = [f"cursor     {cursor}: {facts.cursor_type}, {nullable}"]
+    outside = facts.null_rows + facts.infinite_rows
+    if facts.nullable or outside:
+        lines.append(
+            f"WARNING    {facts.null_rows} rows have a NULL {cursor} and {facts.infinite_rows} an "
+            "infinite one: the keyset scan cannot order them, so they are read by key (once "
+            "an hour) and only the audit sees them change"
+            + (
+                "; give every row a value and keep it so, on the primary:"
+                if facts.reach_fix
+                else f"; give every row a value and make {cursor} NOT NULL"
+            )
+        )
+        lines += [f"           {statement}" for statement in facts.reach_fix]
+    if facts.zoneless:
+        lines.append(
+            f"WARNING    {cursor} is a timestamp without time zone, read as wall-clock time in "
+            "the session's zone: when the clock falls back (DST) an hour repeats, and a change "
+            "stamped in the repeated hour can sort behind the watermark; a writer whose zone is "
+            "ahead of the server's stamps rows in the future, which hold the watermark. Use a "
+            "lookback of at least 1h over a fall-back, turn on the audit, or convert the column: "
+            f"ALTER TABLE ... ALTER COLUMN {cursor} TYPE timestamptz USING {cursor} AT TIME ZONE "
+            "'<the writers' zone>'"
+        )
+    if facts.ahead_rows:
+        lines.append(f"WARNING    {held_text(facts.ahead_rows, facts.ahead_by_s)}")
+    return lines
+
+
+def held_text(rows: int, ahead_by: float | None) -> str:
+    """Why the watermark is held by rows stamped ahead of the source's clock (check, status)."""
+    by = f", the furthest by {format_duration(timedelta(seconds=round(ahead_by or 0)))}"
+    return (
+        f"{rows} rows are stamped ahead of the source's clock{by}: the watermark is held at the "
+        "clock until it passes them (moving past them could skip rows that commit later with "
+        "honest stamps), and every cycle reads them again. A writer's clock or time zone is "
+        "ahead of the server's"
+    )
 
 
 def index_lines(advice: IndexAdvice, cursor: str, key: str) -> list[str]:

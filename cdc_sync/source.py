@@ -22,6 +22,7 @@ from sqlalchemy import (
     Column,
     ColumnElement,
     Connection,
+    Date,
     DateTime,
     Dialect,
     Engine,
@@ -30,6 +31,7 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    case,
     cast,
     event,
     func,
@@ -119,6 +121,17 @@ class SourceFacts:
     index: IndexAdvice
     horizon: Horizon
     longest_transaction: float | None  # seconds; None where it cannot be seen
+    cursor_type: str = ""  # as the database names it
+    nullable: bool = False
+    null_rows: int = 0
+    infinite_rows: int = 0
+    reach_fix: tuple[str, ...] = ()  # statements that bring every row into the cursor's reach
+    ahead_rows: int = 0  # rows stamped ahead of the source's clock now
+    ahead_by_s: float | None = None  # how far the furthest of them is ahead
+
+    @property
+    def zoneless(self) -> bool:
+        return self.cursor_type == "timestamp without time zone"
 
 
 @dataclass(frozen=True)
@@ -148,13 +161,47 @@ class SourceSpec:
         return list(dict.fromkeys(names))
 
 
-def read_columns(table: Table, spec: SourceSpec) -> Select[Any]:
-    """``SELECT`` of ``spec.columns()``, in that order: every read's rows are built by position."""
-    return select(*(table.c[name] for name in spec.columns()))
+def read_columns(
+    table: Table, spec: SourceSpec, cursor: ColumnElement[Any] | None = None
+) -> Select[Any]:
+    """``SELECT`` of ``spec.columns()``, in that order: every read's rows are built by position.
+
+    ``cursor`` replaces the cursor column (labelled as it): reads by key select it so that an
+    infinite timestamp, which psycopg cannot load into a datetime, comes back as None.
+    """
+    columns = [table.c[name] for name in spec.columns()]
+    if cursor is not None:
+        at = spec.columns().index(spec.cursor)
+        columns[at] = cursor.label(spec.cursor)  # type: ignore[call-overload]
+    return select(*columns)
+
+
+def infinities(column: Column[Any]) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
+    """``'infinity'`` and ``'-infinity'`` in a PostgreSQL date or timestamp column's type."""
+    return (
+        cast(literal_column("'infinity'"), column.type),
+        cast(literal_column("'-infinity'"), column.type),
+    )
+
+
+def out_of_reach(table: Table, spec: SourceSpec, *, infinite: bool) -> ColumnElement[bool]:
+    """Rows the keyset scan cannot order or resume from, which are read by key instead
+    (:meth:`Source.read_by_key`): a NULL cursor, or (``infinite``: a PostgreSQL date or
+    timestamp) ``±infinity``. :func:`page_query` leaves them out."""
+    cursor = table.c[spec.cursor]
+    if not infinite:
+        return cursor.is_(None)
+    return cursor.is_(None) | cursor.in_(infinities(cursor))
 
 
 def page_query(
-    table: Table, spec: SourceSpec, *, after: bool, start: bool, limit: int
+    table: Table,
+    spec: SourceSpec,
+    *,
+    after: bool,
+    start: bool,
+    limit: int,
+    infinite: bool = False,
 ) -> Select[Any]:
     """One page in (cursor, key) order: rows after a position, or from a cursor value.
 
@@ -167,9 +214,19 @@ def page_query(
 
     In xid8 mode only rows written by transactions older than the oldest one still running are
     read: no transaction that commits later can have a smaller id, so nothing lands behind.
+
+    Rows whose cursor is NULL, or (``infinite``) ``±infinity``, have no place in the order that
+    a watermark could pass: they are left out here and read by key (:func:`out_of_reach`).
     """
     cursor, key = table.c[spec.cursor], table.c[spec.key]
     query = read_columns(table, spec).order_by(cursor, key).limit(limit)
+    if infinite:
+        top, bottom = infinities(cursor)
+        query = query.where(cursor < top)
+        if not (after or start):
+            query = query.where(cursor > bottom)
+    elif not (after or start):
+        query = query.where(cursor.is_not(None))
     if spec.gap_free:
         query = query.where(cursor < func.pg_snapshot_xmin(func.pg_current_snapshot()))
     if after:
@@ -270,6 +327,20 @@ class Source:
             self._table = self._reflect()
         return self._table
 
+    @property
+    def infinite(self) -> bool:
+        """Whether the cursor can hold ``±infinity`` (a PostgreSQL date or timestamp)."""
+        cursor = self.table.c[self.spec.cursor]
+        postgres = self.engine.dialect.name == "postgresql"
+        return postgres and isinstance(cursor.type, DateTime | Date)
+
+    def _finite_cursor(self) -> ColumnElement[Any] | None:
+        """The cursor, or NULL where it is infinite (None: the column itself will do)."""
+        if not self.infinite:
+            return None
+        cursor = self.table.c[self.spec.cursor]
+        return case((func.isfinite(cursor), cursor), else_=null())
+
     def open(self) -> Source:
         """Reflect the table; :class:`SourceError` unless every configured column exists."""
         _ = self.table
@@ -284,7 +355,7 @@ class Source:
             table = Table(
                 spec.table,
                 MetaData(),
-                *(Column(c["name"], c["type"]) for c in columns),
+                *(Column(c["name"], c["type"], nullable=c["nullable"]) for c in columns),
                 schema=spec.schema,
             )
         except NoSuchTableError:
@@ -395,7 +466,9 @@ class Source:
         shape = (after, start, limit, with_horizon)
         query = self._pages.get(shape)
         if query is None:
-            query = page_query(self.table, self.spec, after=after, start=start, limit=limit)
+            query = page_query(
+                self.table, self.spec, after=after, start=start, limit=limit, infinite=self.infinite
+            )
             if with_horizon:
                 query = _with_horizon(query, self._horizon_columns(), self.spec)
             self._pages[shape] = query
@@ -406,16 +479,45 @@ class Source:
         if not keys:
             return []
         column = self.table.c[self.spec.key]
-        query = read_columns(self.table, self.spec).where(column.in_(keys))
+        query = read_columns(self.table, self.spec, self._finite_cursor()).where(column.in_(keys))
         return self._read(query.order_by(column))
 
-    def read_by_key(self, after: Any, limit: int) -> list[SourceRow]:
-        """A page in key order after key ``after`` (None: from the start): the audit's sweep."""
+    def read_by_key(self, after: Any, limit: int, *, outside: bool = False) -> list[SourceRow]:
+        """A page in key order after key ``after`` (None: from the start): the audit's sweep, or
+        (``outside``) the sweep of rows outside the keyset scan's reach, whose cursor is NULL or
+        infinite (read with a None cursor). An infinite cursor always reads as None."""
         column = self.table.c[self.spec.key]
-        query = read_columns(self.table, self.spec)
+        query = read_columns(self.table, self.spec, self._finite_cursor())
+        if outside:
+            query = query.where(out_of_reach(self.table, self.spec, infinite=self.infinite))
         if after is not None:
             query = query.where(column > after)
         return self._read(query.order_by(column).limit(limit))
+
+    def outside_reach(self) -> tuple[int, int]:
+        """How many rows have a NULL cursor, and how many an infinite one: one counting scan."""
+        cursor = self.table.c[self.spec.cursor]
+        nulls = func.count().filter(cursor.is_(None))
+        if self.infinite:
+            infinite: ColumnElement[Any] = func.count().filter(cursor.in_(infinities(cursor)))
+        else:
+            infinite = literal_column("0")
+        [row] = self._run(select(nulls, infinite).select_from(self.table))
+        return int(row[0]), int(row[1])
+
+    def ahead(self) -> tuple[int, float | None]:
+        """Rows stamped ahead of the source's clock, and by how many seconds the furthest is:
+        what holds the watermark back (see :func:`cdc_sync.rules.advance`). (0, None) unless
+        the cursor is a date or timestamp on PostgreSQL."""
+        if not self.infinite or self.spec.gap_free:
+            return 0, None
+        cursor = self.table.c[self.spec.cursor]
+        clock = cast(func.now(), cursor.type)
+        top, _ = infinities(cursor)
+        gap = cast(func.max(cursor), DateTime()) - cast(clock, DateTime())
+        query = select(func.count(), func.extract("epoch", gap)).where(cursor > clock, cursor < top)
+        [row] = self._run(query)
+        return int(row[0]), None if row[1] is None else float(row[1])
 
     def key_from_text(self, text: str) -> Any:
         """A key as stored in the status table (text) back in the source column's type."""
@@ -475,12 +577,45 @@ class Source:
 
     def facts(self) -> SourceFacts:
         """Everything ``check`` reports of the source, read now."""
+        nulls, infinite = self.outside_reach()
+        ahead, ahead_by = self.ahead()
+        nullable = bool(self.table.c[self.spec.cursor].nullable)
         return SourceFacts(
             url=self._where(),
             index=self.index_advice(),
             horizon=self.horizon(),
             longest_transaction=self.longest_write_transaction(),
+            cursor_type=self.cursor_type_name(),
+            nullable=nullable,
+            null_rows=nulls,
+            infinite_rows=infinite,
+            reach_fix=self.reach_fix(nullable, infinite > 0),
+            ahead_rows=ahead,
+            ahead_by_s=ahead_by,
         )
+
+    def reach_fix(self, nullable: bool, infinite: bool) -> tuple[str, ...]:
+        """The statements that give every row a finite cursor and keep it so (a timestamp or
+        date cursor on PostgreSQL: stamp the rows now, default to now(), NOT NULL, finite)."""
+        if not (nullable or infinite) or not self.infinite or self.spec.gap_free:
+            return ()
+        quote = self.engine.dialect.identifier_preparer.quote
+        table, cursor = self._quoted_table(), quote(self.spec.cursor)
+        broken = [f"{cursor} IS NULL"] if nullable else []
+        broken += [f"NOT isfinite({cursor})"] if infinite else []
+        # Printed for the operator, never run; every name is quoted by SQLAlchemy's preparer.
+        statements = [f"UPDATE {table} SET {cursor} = now() WHERE {' OR '.join(broken)};"]  # noqa: S608
+        if nullable:
+            statements.append(
+                f"ALTER TABLE {table} ALTER COLUMN {cursor} SET DEFAULT now(), "
+                f"ALTER COLUMN {cursor} SET NOT NULL;"
+            )
+        if infinite:
+            check = quote(f"{self.spec.table}_{self.spec.cursor}_finite")
+            statements.append(
+                f"ALTER TABLE {table} ADD CONSTRAINT {check} CHECK (isfinite({cursor}));"
+            )
+        return tuple(statements)
 
     def index_advice(self) -> IndexAdvice:
         """Whether an index serves the ``(cursor, key)`` poll, and the statements that would

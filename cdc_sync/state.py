@@ -576,6 +576,25 @@ class StateStore:
             encoded = None if audit_key is None else encode_value(audit_key)
             self._store_state(connection, now, audit_key=encoded)
 
+    def store_reach(self, now: datetime, key: Any, rows: int | None = None) -> Progress:
+        """Store where the sweep of rows outside the cursor's reach stands: after ``key``, or
+        (``key`` None) finished now, having found ``rows`` of them. The new state row."""
+        with self._transaction() as connection:
+            if key is not None:
+                self._store_state(connection, now, reach_key=encode_value(key))
+            else:
+                self._store_state(
+                    connection, now, reach_key=None, reach_rows=rows, reach_checked_at=now
+                )
+        return self.progress()
+
+    def store_held(self, now: datetime, rows: int, ahead_by: float | None) -> Progress:
+        """Store how many rows stamped ahead of the source's clock held the watermark last cycle,
+        and by how many seconds the furthest was ahead. The new state row."""
+        with self._connect() as connection:  # one statement: atomic by itself
+            self._store_state(connection, now, held_rows=rows, held_by_s=ahead_by)
+        return self.progress()
+
     # -- operator views -------------------------------------------------------------------
 
     def counts_by_status(self) -> dict[str, int]:

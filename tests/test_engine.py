@@ -408,3 +408,43 @@ def test_an_idle_cycle_after_a_burst_re_reads_none_of_it(world: World) -> None:
     assert (idle.counts.rows_read, restarted.counts.rows_read) == (0, 0)
     assert (changed.counts.rows_read, changed.counts.pushed) == (1, 1)
     assert world.emulator.received(1005)[-1] == {"email": "new@example.com"}
+
+
+def outside_reach(world: World) -> None:
+    """Users 1-5 stamped as usual; 6-30 from before the cursor existed (NULL), 31 and 32 stamped
+    'infinity' and '-infinity' (legacy sentinels)."""
+    with world.users.engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE users ALTER COLUMN updated_at DROP NOT NULL")
+    world.users.add_users(range(1, 6))
+    world.users.add_users(range(6, 31), updated_at=None)
+    world.users.add_users([31], updated_at="infinity")
+    world.users.add_users([32], updated_at="-infinity")
+
+
+def test_rows_outside_the_cursors_reach_are_synced_once_by_key(world: World) -> None:
+    """NULL and infinite cursors never crash a cycle: each such row is pushed once, in pages by
+    key, the cycle is recorded, and later cycles (a restarted engine too) push nothing again."""
+    outside_reach(world)
+
+    first = world.cycle()
+    second = world.cycle()
+
+    assert (first.outcome, first.counts.pushed) == ("ok", 32)
+    assert world.emulator.contacts == world.users.expected_contacts()
+    assert (second.outcome, second.counts.pushed, second.counts.rows_read) == ("ok", 0, 5)
+    progress = world.state.progress()
+    assert (progress.reach_rows, progress.reach_key) == (27, None)
+    assert first.watermark_after is not None and first.watermark_after.key == 5
+
+
+def test_the_audit_finds_a_change_to_a_row_with_no_cursor(world: World) -> None:
+    """A NULL-cursor row that changes (its cursor stays NULL) is found by the audit and pushed."""
+    outside_reach(world)
+    world.audit_rows = 100
+    world.cycle()
+
+    world.users.change(7, touch=False, email="changed@example.com")
+    report = world.cycle()
+
+    assert report.counts.audit_misses == 1
+    assert world.emulator.received(1007)[-1] == {"email": "changed@example.com"}

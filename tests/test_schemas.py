@@ -106,7 +106,8 @@ def printed_statements(output: str) -> list[str]:
     return [
         line.strip()
         for line in output.splitlines()
-        if line.startswith("           ") and line.strip().startswith(("CREATE ", "ALTER "))
+        if line.startswith("           ")
+        and line.strip().startswith(("CREATE ", "ALTER ", "UPDATE "))
     ]
 
 
@@ -218,3 +219,126 @@ def test_view_gets_no_index_statement_but_the_cost_of_a_poll(
     )
     assert "on users, estimated cost " in result.stdout, result.stdout
     assert "CREATE INDEX" not in result.stdout
+
+
+# -- rows outside the cursor's reach: NULL and infinite cursors --------------------------------
+
+
+def legacy_rows(users: UserDb) -> None:
+    """Users 1-3 stamped; 4-8 from before updated_at existed (NULL); 9 stamped 'infinity'."""
+    sql(users, "ALTER TABLE users ALTER COLUMN updated_at DROP NOT NULL")
+    users.add_users(range(1, 4))
+    users.add_users(range(4, 9), updated_at=None)
+    users.add_users([9], updated_at="infinity")
+
+
+def test_null_and_infinite_cursors_sync_once_and_status_counts_them(
+    users: UserDb, api: EmulatorServer, tmp_path: Path
+) -> None:
+    """``once`` syncs rows with a NULL or infinite cursor and exits 0; the next ``once`` pushes
+    nothing; ``status`` says how many rows are outside the cursor's reach."""
+    legacy_rows(users)
+    config = config_for(users, api, tmp_path)
+
+    runs = [cdc_sync(config, "once") for _ in range(2)]
+    status = cdc_sync(config, "status")
+
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+    assert "pushed 9," in runs[0].stdout and "pushed 0," in runs[1].stdout, runs[1].stdout
+    assert api.emulator.contacts == users.expected_contacts()
+    assert (
+        "outside the cursor's reach: 6 rows (NULL or infinite cursor), read by key" in status.stdout
+    ), status.stdout
+
+
+def test_check_counts_rows_outside_the_reach_and_prints_a_fix_that_runs(
+    users: UserDb, api: EmulatorServer, tmp_path: Path
+) -> None:
+    """``check`` says the cursor is nullable, counts NULL and infinite rows, and prints the
+    statements that fix the schema; once they have run, check finds nothing to fix."""
+    legacy_rows(users)
+    config = config_for(users, api, tmp_path)
+
+    before, statements, after = check_and_apply(users, config)
+
+    assert "cursor     updated_at: timestamp with time zone, nullable" in before, before
+    assert "WARNING    5 rows have a NULL updated_at and 1 an infinite one" in before
+    assert statements == [
+        "UPDATE users SET updated_at = now() WHERE updated_at IS NULL OR NOT isfinite(updated_at);",
+        "ALTER TABLE users ALTER COLUMN updated_at SET DEFAULT now(), "
+        "ALTER COLUMN updated_at SET NOT NULL;",
+        "ALTER TABLE users ADD CONSTRAINT users_updated_at_finite CHECK (isfinite(updated_at));",
+    ]
+    assert "cursor     updated_at: timestamp with time zone, NOT NULL" in after, after
+    assert "rows have a NULL" not in after
+
+
+# -- timestamp without time zone ---------------------------------------------------------------
+
+
+def zoneless(users: UserDb) -> None:
+    """``updated_at`` as Rails and Django without USE_TZ keep it: wall-clock time, no zone."""
+    sql(users, "ALTER TABLE users ALTER COLUMN updated_at TYPE timestamp")
+
+
+def test_check_names_a_zoneless_cursor_and_its_risks(
+    users: UserDb, api: EmulatorServer, tmp_path: Path
+) -> None:
+    """``check`` names the cursor's type and, for a zone-less timestamp, the DST and writer-zone
+    risks and what to do about them."""
+    zoneless(users)
+    config = config_for(users, api, tmp_path)
+
+    result = cdc_sync(config, "check")
+
+    assert result.returncode == 0, result.stderr
+    assert "cursor     updated_at: timestamp without time zone, NOT NULL" in result.stdout
+    warning = next(line for line in result.stdout.splitlines() if "without time zone, read" in line)
+    for words in (
+        "falls back (DST)",
+        "ahead of the server's",
+        "at least 1h",
+        "audit",
+        "timestamptz",
+    ):
+        assert words in warning, warning
+
+
+def test_rows_ahead_of_the_clock_are_reported_by_check_status_and_the_log(
+    users: UserDb, api: EmulatorServer, tmp_path: Path
+) -> None:
+    """Rows written by a writer whose zone is 3 hours ahead hold the watermark; check, status
+    and the log say how many and by how much, instead of re-reading them in silence."""
+    zoneless(users)
+    users.add_users(range(1, 3))
+    sql(users, "UPDATE users SET updated_at = localtimestamp + interval '3 hours'")
+    config = config_for(users, api, tmp_path)
+
+    runs = [cdc_sync(config, "once") for _ in range(2)]
+    status = cdc_sync(config, "status")
+    check = cdc_sync(config, "check")
+
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+    assert "pushed 2," in runs[0].stdout and "pushed 0," in runs[1].stdout
+    assert all("watermark_held" in r.stderr and "rows_ahead=2" in r.stderr for r in runs)
+    held = "2 rows are stamped ahead of the source's clock, the furthest by 2h59m"
+    assert f"watermark held: {held}" in status.stdout, status.stdout
+    assert f"WARNING    {held}" in check.stdout, check.stdout
+    assert "watermark: none" in status.stdout
+
+
+def test_a_change_in_the_repeated_hour_is_caught_with_an_hour_of_lookback(
+    users: UserDb, api: EmulatorServer, tmp_path: Path
+) -> None:
+    """At a DST fall-back a change stamped 01:05 lands after the watermark reached 01:55: with
+    the lookback of an hour that check advises for a zone-less cursor, it is pushed."""
+    zoneless(users)
+    users.add_users(range(1, 3), updated_at="2026-10-25 01:55:00")
+    config = config_for(users, api, tmp_path, lookback="1h")
+    assert cdc_sync(config, "once").returncode == 0
+
+    users.change(1, email="repeated-hour@example.com", updated_at="2026-10-25 01:05:00")
+    result = cdc_sync(config, "once")
+
+    assert "pushed 1," in result.stdout, result.stdout + result.stderr
+    assert api.emulator.received(1001)[-1] == {"email": "repeated-hour@example.com"}

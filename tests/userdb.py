@@ -100,7 +100,9 @@ class UserDb:
     def expected_contacts(self) -> dict[int, dict[str, str]]:
         """What EngageLab should hold: contacts per valid euid (NULL/blank values left out)."""
         with self.engine.connect() as connection:
-            rows = connection.execute(select(self.table)).all()
+            # Not updated_at: psycopg cannot read an infinite timestamp into a datetime.
+            wanted = ["engagelab_euid", *CONTACT_COLUMNS.values()]
+            rows = connection.execute(select(*(self.table.c[c] for c in wanted))).all()
         expected = {}
         for row in rows:
             contacts = {
