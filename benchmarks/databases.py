@@ -170,10 +170,12 @@ def status_counts(state_url: str) -> dict[str, int]:
     return {str(status): int(count) for status, count in rows}
 
 
-def watermark_cursor(state_url: str) -> datetime | None:
-    """The stored watermark's cursor (``datetime:<iso>``), or None if absent or unreadable."""
-    rows = _query(state_url, "SELECT cursor_value FROM cdc_sync_state")
-    value = rows[0][0] if rows else None
-    if not isinstance(value, str) or not value.startswith("datetime:"):
+def watermark(state_url: str) -> tuple[datetime, int] | None:
+    """The stored watermark (``datetime:<iso>``, ``int:<id>``), or None if absent or unreadable."""
+    rows = _query(state_url, "SELECT cursor_value, key_value FROM cdc_sync_state")
+    cursor, key = rows[0] if rows else (None, None)
+    if not (isinstance(cursor, str) and cursor.startswith("datetime:")):
         return None
-    return datetime.fromisoformat(value.removeprefix("datetime:"))
+    if not (isinstance(key, str) and key.startswith("int:")):
+        return None
+    return datetime.fromisoformat(cursor.removeprefix("datetime:")), int(key.removeprefix("int:"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -13,7 +12,7 @@ from databases import (
     RunRow,
     recent_runs,
     run_count,
-    watermark_cursor,
+    watermark,
 )
 from harness import Bench, Sync, progress
 from processes import Daemon, Emulator
@@ -23,18 +22,23 @@ from report import ERROR, INCOMPLETE, INFO, Measurement, Row, median, percentile
 RSS_TARGET_MB = 200.0
 RSS_GROWTH_TARGET = 1.20
 IDLE_TARGET_MS = 5.0
-LOOKBACK = timedelta(minutes=5)
 SEED_ROWS = 1000  # rows synced through `once` when (d) builds its own table
-# The first page of a cycle as cdc-sync sends it (cdc_sync.source.first_page): the page joined
-# to the source's clock and replay lag, so that an idle poll is one statement.
+# The first page of an idle cycle as cdc-sync sends it (cdc_sync.source.first_page): the page
+# joined to the source's clock, replay lag and horizon, so that an idle poll is one statement.
+# Once the previous read saw past the watermark by the lookback, the page resumes strictly after
+# the watermark (cdc_sync.rules.reread_from); infinite cursors are left to the sweep by key.
 PAGE_QUERY = (
-    "SELECT horizon.ceiling, horizon.replica_lag, page.* FROM (SELECT now() AS ceiling, "
-    "CASE WHEN NOT pg_is_in_recovery() THEN NULL WHEN pg_last_wal_receive_lsn() = "
+    "SELECT horizon.ceiling, horizon.replica_lag, horizon.seen, page.* FROM (SELECT now() AS "
+    "ceiling, CASE WHEN NOT pg_is_in_recovery() THEN NULL WHEN pg_last_wal_receive_lsn() = "
     "pg_last_wal_replay_lsn() THEN 0.0 ELSE extract(epoch FROM now() - "
-    "pg_last_xact_replay_timestamp())::float8 END AS replica_lag) AS horizon "
+    "pg_last_xact_replay_timestamp())::float8 END AS replica_lag, CASE WHEN NOT "
+    "pg_is_in_recovery() THEN now() ELSE greatest(pg_last_xact_replay_timestamp(), (SELECT "
+    "last_msg_send_time FROM pg_stat_wal_receiver WHERE latest_end_lsn <= "
+    "pg_last_wal_replay_lsn())) END AS seen) AS horizon "
     "LEFT JOIN LATERAL (SELECT id, updated_at, engagelab_euid, email, mobile, landline, "
-    "whatsapp, true AS found FROM users WHERE updated_at >= {start} ORDER BY updated_at, id "
-    "LIMIT {limit}) AS page ON true ORDER BY page.updated_at, page.id"
+    "whatsapp, true AS found FROM users WHERE updated_at < 'infinity'::timestamptz AND "
+    "(updated_at, id) > ({cursor}, {key}) ORDER BY updated_at, id LIMIT {limit}) AS page ON true "
+    "ORDER BY page.updated_at, page.id"
 )
 
 
@@ -214,16 +218,16 @@ def _daemon_cycles(bench: Bench, sync: Sync, count: int) -> list[RunRow]:
 
 
 def _explain(bench: Bench, sync: Sync) -> tuple[str, dict[str, Any], str]:
-    """EXPLAIN (ANALYZE, BUFFERS) of an idle cycle's first page query: text, JSON, start."""
-    cursor = watermark_cursor(sync.state_url)
+    """EXPLAIN (ANALYZE, BUFFERS) of an idle cycle's first page query: text, JSON, the query."""
+    mark = watermark(sync.state_url)
     dsn = bench.dbs.source_dsn(sync.source_url)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        if cursor is None:  # the watermark format changed: fall back to the newest row
-            [(cursor,)] = conn.execute("SELECT max(updated_at) FROM users").fetchall()
-        start = cursor - LOOKBACK
-        query = sql.SQL(PAGE_QUERY).format(
-            start=sql.Literal(start), limit=sql.Literal(bench.options.batch_size)
-        )
+        if mark is None:  # the watermark format changed: fall back to the newest row
+            [mark] = conn.execute(
+                "SELECT updated_at, id FROM users ORDER BY updated_at DESC, id DESC LIMIT 1"
+            ).fetchall()
+        cursor, key = mark
+        query = _page_query(cursor, key, bench.options.batch_size)
         text = "\n".join(
             row[0]
             for row in conn.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + query).fetchall()
@@ -231,7 +235,14 @@ def _explain(bench: Bench, sync: Sync) -> tuple[str, dict[str, Any], str]:
         [(plan,)] = conn.execute(
             sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ") + query
         ).fetchall()
-    return text, plan[0], str(start)
+        shown = query.as_string(conn)
+    return text, plan[0], shown
+
+
+def _page_query(cursor: Any, key: Any, limit: int) -> sql.Composed:
+    return sql.SQL(PAGE_QUERY).format(
+        cursor=sql.Literal(cursor), key=sql.Literal(key), limit=sql.Literal(limit)
+    )
 
 
 def _scan_of(plan: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +311,7 @@ def measure_idle(bench: Bench) -> Measurement:
         )
     seconds = [c.seconds for c in cycles]
     med, p95 = median(seconds) * 1000, percentile(seconds, 0.95) * 1000
-    text, plan, start = _explain(bench, sync)
+    text, plan, query = _explain(bench, sync)
     scan = _scan_of(plan)
     kind, index = scan.get("Node Type", "?"), scan.get("Index Name")
     range_scan = (
@@ -343,16 +354,9 @@ def measure_idle(bench: Bench) -> Measurement:
         "left to run K + 1 cycles, the first dropped. Each `once` cycle is the first of its "
         "process, which also compiles its SQL statements (SQLAlchemy caches them per process) "
         "and fills connection pools: a cost a daemon pays once. The plan is of the first page "
-        "query of an idle cycle, with the start "
-        f"(watermark - lookback = {start}) inlined as a literal."
+        "query of an idle cycle, resuming after the watermark (inlined as literals)."
     )
-    out.blocks["(d) page query plan"] = (
-        sql.SQL(PAGE_QUERY)
-        .format(start=sql.Literal(start), limit=sql.Literal(o.batch_size))
-        .as_string(None)
-        + "\n\n"
-        + text
-    )
+    out.blocks["(d) page query plan"] = query + "\n\n" + text
     out.details = {
         "origin": origin,
         "cycle_ms": [s * 1000 for s in seconds],
