@@ -495,14 +495,19 @@ class Source:
         return self._read(query.order_by(column).limit(limit))
 
     def outside_reach(self) -> tuple[int, int]:
-        """How many rows have a NULL cursor, and how many an infinite one: one counting scan."""
+        """How many rows have a NULL cursor, and how many an infinite one, in one statement.
+
+        Two counts with a condition on the cursor alone, each of which the ``(cursor, key)``
+        index answers (it holds NULLs too), rather than one pass over the whole table.
+        """
         cursor = self.table.c[self.spec.cursor]
-        nulls = func.count().filter(cursor.is_(None))
+        count = select(func.count()).select_from(self.table)
+        nulls = count.where(cursor.is_(None)).scalar_subquery()
         if self.infinite:
-            infinite: ColumnElement[Any] = func.count().filter(cursor.in_(infinities(cursor)))
+            infinite = count.where(cursor.in_(infinities(cursor))).scalar_subquery()
         else:
-            infinite = literal_column("0")
-        [row] = self._run(select(nulls, infinite).select_from(self.table))
+            infinite = literal_column("0")  # type: ignore[assignment]
+        [row] = self._run(select(nulls, infinite))
         return int(row[0]), int(row[1])
 
     def ahead(self) -> tuple[int, float | None]:
