@@ -135,6 +135,14 @@ HOSTILE = [
         code=55004,
         answer=(400, '{"code": 55004, "message": "invalid contact value: {email}"}'),
     ),
+    Hostile(  # outside the keyset scan's reach: swept by key in the same cycle
+        "cursor NULL",
+        {"updated_at": None},
+        "synced",
+        "success",
+        code=0,
+        sent={},
+    ),
     Hostile(  # last in the table: the watermark ends on a key holding a NUL
         "key with a NUL",
         {"id": Sql("CAST(X'7A7A00' AS TEXT)")},
@@ -150,7 +158,7 @@ GOOD = 1000
 # table hold every hostile value a typed column of some database could return.
 HOSTILE_TABLE = """
 CREATE TABLE users (id TEXT PRIMARY KEY, name, email, mobile, landline, whatsapp,
-                    engagelab_euid, updated_at INTEGER NOT NULL)
+                    engagelab_euid, updated_at INTEGER)
 """
 
 
@@ -166,7 +174,7 @@ def write_hostile_table(path: Path) -> None:
     with sqlite3.connect(path) as connection:
         connection.execute(HOSTILE_TABLE)
         for cursor, row in enumerate(rows, start=1):
-            row = row | {"updated_at": cursor}
+            row = {"updated_at": cursor} | row
             columns = ", ".join(row)
             marks = ", ".join(v.text if isinstance(v, Sql) else "?" for v in row.values())
             connection.execute(
