@@ -139,6 +139,7 @@ def build_client(s: Settings) -> EngageLabClient:
         overrides={code: Verdict(kind) for code, kind in api.codes.items()},
         unknown=Verdict(api.unknown_code),
         rate_limit_codes=frozenset(api.rate_limit_codes),
+        max_retry_after=api.max_retry_after.total_seconds(),
     )
     return EngageLabClient(
         api.base_url,

@@ -192,6 +192,20 @@ def _at_least(minimum: timedelta, *, inclusive: bool) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _at_most(maximum: timedelta) -> AfterValidator:
+    """A Duration's upper bound (inclusive)."""
+
+    def check(value: timedelta) -> timedelta:
+        if value > maximum:
+            raise _invalid(
+                f"{format_duration(value)} is too long; it must be at most "
+                f"{format_duration(maximum)}"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
 Duration = Annotated[
     timedelta,
     PlainValidator(_to_duration),
@@ -435,6 +449,7 @@ class EngageLabSettings(BaseModel):
     api_key: Annotated[str, AfterValidator(_not_blank), AfterValidator(_no_outer_space)]
     api_secret: Annotated[SecretStr, AfterValidator(_secret_ok)]
     timeout: PositiveDuration = timedelta(seconds=10)
+    max_retry_after: Annotated[Duration, _at_most(timedelta(hours=1))] = timedelta(minutes=5)
     concurrency: Number = Field(default=8, ge=1, le=256)
     rate_limit: Annotated[Real | None, AfterValidator(_rate_limit)] = 50.0
     unknown_code: Annotated[Literal["permanent", "transient"], BeforeValidator(_lower)] = (

@@ -48,6 +48,12 @@ PROXY_FIX = (
     "it lets cdc-sync reach engagelab.base_url"
 )
 
+MAX_RETRY_AFTER = 300.0
+"""The most seconds of ``Retry-After`` honoured, by default (``engagelab.max_retry_after``):
+every request pauses at most this long, and the user told is tried again after at most this
+long (or its own backoff, if longer). A server asking for more (``600``, a date next year,
+``99999999999``) is waited on this long, then asked again."""
+
 
 class Verdict(StrEnum):
     """What one answer means for the user and for the sync."""
@@ -91,6 +97,7 @@ class CodePolicy:
     overrides: Mapping[int, Verdict] = field(default_factory=dict)
     unknown: Verdict = Verdict.PERMANENT
     rate_limit_codes: frozenset[int] = frozenset()
+    max_retry_after: float = MAX_RETRY_AFTER  # seconds; a longer Retry-After is cut to this
 
 
 def classify(
@@ -105,8 +112,11 @@ def classify(
     Any body and header are classified, never raised on. The answer's message is redacted of
     ``contacts`` (the values sent) and of anything else shaped like personal data, then cut and
     cleaned (:mod:`cdc_sync.redact`), so it is safe to store, print and log as it is.
+    ``Retry-After`` is capped at ``policy.max_retry_after``.
     """
     delay = parse_retry_after(retry_after)
+    if delay is not None:
+        delay = min(delay, policy.max_retry_after)
     code, message = _parse_body(body)
     message = redact(message, contacts)
     if code is None:
@@ -143,7 +153,12 @@ def classify(
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), or None."""
+    """Seconds to wait from a ``Retry-After`` header, or None when it says nothing usable.
+
+    Delta-seconds (ASCII digits only, as RFC 9110 writes them: ``1.5`` or ``-5`` say nothing),
+    or an HTTP-date (one in the past is 0; one without a zone is UTC). Anything else is None,
+    and the user's own backoff applies. :func:`classify` caps what is read.
+    """
     if not value:
         return None
     value = value.strip()

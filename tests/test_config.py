@@ -346,6 +346,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert settings.engagelab.base_url == "https://ma-api.engagelab.com"
     assert settings.engagelab.timeout == timedelta(seconds=10)
     assert settings.engagelab.concurrency == 8
+    assert settings.engagelab.max_retry_after == timedelta(minutes=5)
     assert settings.engagelab.rate_limit == 50.0
     assert settings.engagelab.unknown_code == "permanent"
     assert settings.engagelab.codes == {}
@@ -467,6 +468,9 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         ("engagelab.timeout", "0ms", "engagelab.timeout", "longer than 0s"),
         ("engagelab.timeout", -1, "engagelab.timeout", "is not a duration"),
         ("engagelab.timeout", False, "engagelab.timeout", "expected a duration"),
+        ("engagelab.max_retry_after", "61m", "engagelab.max_retry_after", "at most 1h"),
+        ("engagelab.max_retry_after", -1, "engagelab.max_retry_after", "is not a duration"),
+        ("engagelab.max_retry_after", "0s", "engagelab.max_retry_after", None),
         ("engagelab.concurrency", 0, "engagelab.concurrency", "greater than or equal to 1"),
         ("engagelab.concurrency", 257, "engagelab.concurrency", "less than or equal to 256"),
         ("engagelab.rate_limit", -5, "engagelab.rate_limit", "is not a rate"),

@@ -15,6 +15,7 @@ from values import any_text, emails, phones
 from cdc_sync.emulator import Emulator, EmulatorServer, Faults
 from cdc_sync.engagelab import (
     CERTIFICATE_FIX,
+    MAX_RETRY_AFTER,
     ApiResult,
     CodePolicy,
     EngageLabClient,
@@ -104,17 +105,37 @@ def test_429_is_throttling_with_retry_after() -> None:
         ("5", 5.0),
         (" 12 ", 12.0),
         ("soon", None),
+        ("1.5", None),  # delta-seconds are digits only
+        ("600", 600.0),
+        ("-5", None),
+        ("+5", None),
+        ("\u0661\u0662", None),  # Arabic-Indic digits: float() would take them
+        ("1e3", None),
+        ("nan", None),
+        ("inf", None),
         ("Sat, 28 Nov 2026 12:00:30 GMT", 30.0),
         ("Sat, 28 Nov 2026 11:00:00 GMT", 0.0),
         ("Sat, 28 Nov 2026 12:00:30 -0000", 30.0),  # a zone-less date: once a TypeError
         ("\u00b2", None),  # a digit to str.isdigit(), not to float(): once a ValueError
         ("9" * 400, 1e9),  # once float("inf")
         ("Sat, 28 Nov 99999 12:00:30 GMT", None),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 251606433599.0),
+        ("Sat, 28 Nov 2026 12:00:00 +9999", None),
     ],
 )
 def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
-    """Retry-After is read as delta-seconds or an HTTP date, never negative."""
+    """Retry-After is read as ASCII delta-seconds or an HTTP date, never negative; the rest is
+    None."""
     assert parse_retry_after(header, datetime(2026, 11, 28, 12, 0, tzinfo=UTC)) == seconds
+
+
+@pytest.mark.parametrize(
+    "header", ["600", "99999999999", "9" * 5000, "Fri, 31 Dec 9999 23:59:59 GMT"]
+)
+def test_retry_after_is_capped(header: str) -> None:
+    """A Retry-After beyond the cap is cut to it: 300 s by default, or as configured."""
+    assert classify(429, b"", header).retry_after == MAX_RETRY_AFTER == 300.0
+    assert classify(429, b"", header, CodePolicy(max_retry_after=60.0)).retry_after == 60.0
 
 
 def test_message_is_truncated() -> None:
