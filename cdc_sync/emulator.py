@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType, TracebackType
 from typing import Any
@@ -89,7 +89,8 @@ class Faults:
     ``drop_rate``, ``error_rate`` (503 page) and ``server_error_rate`` (500, code -1) are fractions
     of requests and must sum to at most 1. ``latency`` ± ``latency_jitter`` seconds are slept before
     answering. ``throttle_rps`` caps the rate (bucket of one second's worth, at least one request);
-    the excess gets 429, with ``Retry-After: retry_after`` if set. ``fail_codes`` forces a code for
+    the excess gets 429, with ``Retry-After: retry_after`` if set. ``throttled_euids`` are always
+    answered that 429, however slow the rate. ``fail_codes`` forces a code for
     chosen euids, ``auth_fail_code`` for every request. ``auth_status`` and ``error_status`` are the
     HTTP statuses sent with fatal codes and with other business codes. ``answers`` scripts the
     whole answer for chosen euids: ``{euid: [status, body]}``, the body sent as it is, except that
@@ -104,6 +105,7 @@ class Faults:
     drop_rate: float = 0.0
     throttle_rps: float | None = None
     retry_after: int | None = None
+    throttled_euids: Collection[int] = frozenset()
     fail_codes: Mapping[int, int] = field(default_factory=dict)
     answers: Mapping[int, tuple[int, str]] = field(default_factory=dict)
     auth_fail_code: int | None = None
@@ -149,6 +151,13 @@ class Faults:
                 raise ValueError("an answer's body must be a string")
             answers[int(euid)] = (status, body)
         object.__setattr__(self, "answers", MappingProxyType(answers))
+        if isinstance(self.throttled_euids, str | bytes) or not isinstance(
+            self.throttled_euids, Collection
+        ):
+            raise ValueError("throttled_euids must be a list of euids")
+        for euid in self.throttled_euids:
+            _check_int("throttled_euids", euid)
+        object.__setattr__(self, "throttled_euids", frozenset(self.throttled_euids))
 
     @classmethod
     def from_json(cls, data: object) -> Faults:
@@ -165,6 +174,7 @@ class Faults:
         settings = {f.name: getattr(self, f.name) for f in fields(self)}
         settings["fail_codes"] = {str(euid): code for euid, code in self.fail_codes.items()}
         settings["answers"] = {str(euid): list(answer) for euid, answer in self.answers.items()}
+        settings["throttled_euids"] = sorted(self.throttled_euids)
         return settings
 
 
@@ -328,6 +338,14 @@ def scripted_body(body: str, contacts: Mapping[str, str]) -> str:
     return body
 
 
+def _throttled(faults: Faults) -> web.Response:
+    """HTTP 429, with ``Retry-After`` if the faults set one."""
+    headers = {} if faults.retry_after is None else {"Retry-After": str(faults.retry_after)}
+    return web.json_response(
+        {"code": 429, "message": "too many requests"}, status=429, headers=headers
+    )
+
+
 def _answer(code: int, message: str, status: int) -> web.Response:
     """Build an API answer with the documented ``{code, message}`` body."""
     return web.json_response({"code": code, "message": message}, status=status)
@@ -454,11 +472,7 @@ class Emulator:
             if fault is not None:
                 self._fired[fault.value] += 1
         if fault is FaultKind.THROTTLED:
-            headers = {} if faults.retry_after is None else {"Retry-After": str(faults.retry_after)}
-            response = web.json_response(
-                {"code": 429, "message": "too many requests"}, status=429, headers=headers
-            )
-            return faults, response
+            return faults, _throttled(faults)
         delay = delay_for(faults, delay_draw)
         if delay > 0.0:
             await asyncio.sleep(delay)
@@ -494,6 +508,9 @@ class Emulator:
             return web.Response(status=status, text=text, content_type="application/json")
         with self._lock:
             forced = faults.fail_codes.get(parsed.euid)
+            if parsed.euid in faults.throttled_euids:
+                self._fired[FaultKind.THROTTLED.value] += 1
+                return _throttled(faults)
             if forced is not None:
                 rejection: Rejection | None = Rejection(forced, _message(forced))
             elif self._known is not None and parsed.euid not in self._known:

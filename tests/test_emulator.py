@@ -131,6 +131,8 @@ def test_token_bucket_allows_a_second_worth_then_refuses_until_refilled() -> Non
         {"throttle_rps": 0},
         {"retry_after": True},
         {"fail_codes": {"x": 1}},
+        {"throttled_euids": "7"},
+        {"throttled_euids": [1.5]},
         {"no_such_setting": 1},
     ],
 )
@@ -142,10 +144,18 @@ def test_faults_reject_invalid_settings(settings: dict[str, Any]) -> None:
 
 def test_faults_round_trip_through_json() -> None:
     """to_json and from_json are inverses, with euid keys as strings in JSON."""
-    faults = Faults(latency=0.02, throttle_rps=5.0, retry_after=2, fail_codes={7: 55004}, seed=3)
+    faults = Faults(
+        latency=0.02,
+        throttle_rps=5.0,
+        retry_after=2,
+        throttled_euids=[9, 8],
+        fail_codes={7: 55004},
+        seed=3,
+    )
 
     assert Faults.from_json(faults.to_json()) == faults
     assert faults.to_json()["fail_codes"] == {"7": 55004}
+    assert faults.to_json()["throttled_euids"] == [8, 9]
 
 
 def test_parse_contact_request_keeps_euid_and_contacts() -> None:
@@ -395,6 +405,19 @@ def test_throttle_answers_429_with_retry_after(client: httpx.Client, emulator: E
     assert {r.headers["Retry-After"] for r in throttled} == {"2"}
     assert throttled[0].json() == {"code": 429, "message": "too many requests"}
     assert emulator.stats()["faults"]["throttled"] == 4
+
+
+def test_throttled_euids_are_always_answered_429(client: httpx.Client, emulator: Emulator) -> None:
+    """A euid in throttled_euids gets 429 with Retry-After every time; other euids are accepted."""
+    emulator.set_faults(Faults(throttled_euids=[7], retry_after=600))
+
+    told = [push(client, 7, email="a@example.com") for _ in range(2)]
+    other = push(client, 8, email="a@example.com")
+
+    assert [(r.status_code, r.headers["Retry-After"]) for r in told] == [(429, "600")] * 2
+    assert other.json()["code"] == 0
+    assert set(emulator.contacts) == {8}
+    assert emulator.stats()["faults"]["throttled"] == 2
 
 
 def test_latency_still_answers(client: httpx.Client, emulator: Emulator) -> None:
