@@ -199,8 +199,8 @@ class EngageLabClient:
     It owns a private event loop thread, so the connection pool stays warm across pages and
     cycles. At most ``concurrency`` requests are in flight across every batch submitted, all
     paced by one :class:`~cdc_sync.pacing.Pacer`, and batches go out in the order submitted.
-    After a FATAL answer no request starts until :meth:`resume`: every further request would
-    be refused too.
+    After a FATAL answer (every further request would be refused too) or :meth:`cancel`, no
+    request starts until :meth:`resume`.
     """
 
     def __init__(
@@ -220,7 +220,6 @@ class EngageLabClient:
         self.url = base_url.rstrip("/") + CONTACT_PATH
         self.policy = policy
         self.pacer = Pacer(rate_limit, clock)
-        self.refused = False
         token = base64.b64encode(f"{api_key}:{api_secret}".encode()).decode()
         self._headers = httpx.Headers(
             {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
@@ -265,9 +264,20 @@ class EngageLabClient:
         """Push a batch and wait for it."""
         return self.submit(payloads).result()
 
+    def cancel(self) -> None:
+        """Send nothing more, at once: every request queued or waiting for its pace (a
+        ``Retry-After`` pause too) ends as not sent (``None``), and its batch is delivered as
+        soon as the requests already in flight are answered or time out (``timeout``).
+
+        Safe from any thread and from a signal handler; :meth:`resume` undoes it.
+        """
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.pacer.halt)
+
     def resume(self) -> None:
-        """Allow requests again after a FATAL answer (the next cycle tries once more)."""
-        self.refused = False
+        """Allow requests again after a FATAL answer or :meth:`cancel` (the next cycle tries
+        once more). Takes effect before any batch submitted after it."""
+        self._loop.call_soon_threadsafe(self.pacer.resume)
 
     def _enqueue(self, batch: _Batch) -> None:
         self._batches.add(batch)
@@ -281,12 +291,10 @@ class EngageLabClient:
             if batch.done.done():  # the batch already failed
                 continue
             try:
-                if not self.refused:
-                    await self.pacer.acquire()
-                if not self.refused:  # a FATAL answer while waiting for the pace: not sent
+                if await self.pacer.acquire():  # False: halted (FATAL, or cancel): not sent
                     batch.results[index] = result = await self.push(batch.payloads[index])
                     if result.verdict is Verdict.FATAL:
-                        self.refused = True
+                        self.pacer.halt()
             except Exception as exc:  # a bug, not an answer: the batch fails, the worker lives
                 self._settle(batch, exc)
                 continue

@@ -10,7 +10,10 @@ EngageLab signals throttling (all pure arithmetic over an injected clock).
 * Every second without a signal the rate grows by 5%, up to the configured limit, to find out
   whether EngageLab takes more again. The sawtooth this makes keeps throttled requests to a few
   percent.
-* ``Retry-After`` pauses every request, not just the one that was told.
+* ``Retry-After`` pauses every request, not just the one that was told (for at most
+  ``engagelab.max_retry_after``: the client caps what it passes to :meth:`Pacer.pause`).
+* :meth:`Pacer.halt` (a fatal answer, or the stop signal) ends every wait for a slot at once,
+  and no request gets one until :meth:`Pacer.resume`.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class Pacer:
         self._backoff = backoff
         self._next = 0.0
         self._gate = asyncio.Lock()
+        self.halted = False
+        self._waking: asyncio.Future[None] | None = None  # the sleep of the request at the gate
         self._cut = self._grown = clock()  # when the rate last went down, and up
         self._answers: deque[tuple[float, Signal]] = deque()
 
@@ -75,12 +80,42 @@ class Pacer:
             due = self._next if self._next >= now - SLACK else now
             self._next = due + 1.0 / self.rate
 
-    async def acquire(self) -> None:
-        """Wait for this request's slot; requests pass the gate one at a time."""
+    async def acquire(self) -> bool:
+        """Wait for this request's slot and take it; requests pass the gate one at a time.
+
+        False, and no slot taken, once the pacer is halted: a wait in progress ends at once.
+        """
         async with self._gate:
-            while (delay := self.wait_time()) > 0:
-                await asyncio.sleep(delay)
+            while not self.halted and (delay := self.wait_time()) > 0:
+                await self._sleep(delay)
+            if self.halted:
+                return False
             self.take()
+            return True
+
+    async def _sleep(self, delay: float) -> None:
+        """``asyncio.sleep(delay)`` (the same future and timer), that :meth:`halt` cuts short."""
+        loop = asyncio.get_running_loop()
+        self._waking = waking = loop.create_future()
+        timer = loop.call_later(delay, _wake, waking)
+        try:
+            await waking
+        finally:
+            timer.cancel()
+            self._waking = None
+
+    def halt(self) -> None:
+        """No request starts until :meth:`resume`; the one waiting for its slot stops waiting.
+
+        Call it on the event loop's thread. A pause (``Retry-After``) still in force is kept.
+        """
+        self.halted = True
+        if self._waking is not None:
+            _wake(self._waking)
+
+    def resume(self) -> None:
+        """Let requests start again after :meth:`halt`."""
+        self.halted = False
 
     def pause(self, seconds: float) -> None:
         """Nobody starts before ``seconds`` from now (``Retry-After``)."""
@@ -114,3 +149,8 @@ class Pacer:
     def _overloaded(self) -> bool:
         errors = sum(1 for _, s in self._answers if s is Signal.OVERLOADED)
         return errors >= ERROR_BURST and 2 * errors >= len(self._answers)
+
+
+def _wake(waiting: asyncio.Future[None]) -> None:
+    if not waiting.done():
+        waiting.set_result(None)

@@ -2,7 +2,10 @@
 
 import asyncio
 import json
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -435,3 +438,69 @@ def test_a_refused_certificate_is_fatal_and_says_how_to_fix_it(
     assert "certifi's bundle" in results[0].message
     assert CERTIFICATE_FIX in results[0].message
     assert results[1] is None  # not sent: every request would be refused the same way
+
+
+def cancelled_when(
+    reached: threading.Event, answer: Any, then: Callable[[], None] = lambda: None
+) -> list[ApiResult | None]:
+    """Push six payloads (euids 100-105) two at a time through a transport answering with
+    ``answer``; cancel once ``reached`` is set, then call ``then``. The batch's results."""
+    with client("http://api.test", concurrency=2, transport=httpx.MockTransport(answer)) as api:
+        pending = api.submit([Payload(100 + i, {"email": "a@b.c"}) for i in range(6)])
+        reached.wait(10)
+        api.cancel()
+        then()
+        return pending.result(timeout=60)  # hang guard only
+
+
+def test_cancel_ends_a_retry_after_pause_with_the_rest_not_sent() -> None:
+    """Requests held by a Retry-After pause end as not sent at once on cancel; the answer that
+    asked for the pause is kept."""
+    told = threading.Event()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["euid"] == 100:
+            told.set()
+            return httpx.Response(429, headers={"Retry-After": "600"})
+        return httpx.Response(200, json={"code": 0, "message": "success"})
+
+    results = cancelled_when(told, answer)
+
+    assert results[0] is not None and results[0].retry_after == MAX_RETRY_AFTER
+    assert results[0].throttled
+    assert all(r is None or r.verdict is S for r in results[1:])
+    assert None in results[1:]
+
+
+def test_cancel_awaits_requests_in_flight_and_sends_no_more() -> None:
+    """Requests in flight when the client is cancelled are answered and kept; the queued ones
+    end as not sent, and never reach the server."""
+    order: list[int] = []
+    started, release = threading.Event(), threading.Event()
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        order.append(json.loads(request.content)["euid"])
+        if len(order) == 2:
+            started.set()
+        await asyncio.get_running_loop().run_in_executor(None, release.wait)
+        return httpx.Response(200, json={"code": 0, "message": "success"})
+
+    results = cancelled_when(started, answer, release.set)
+
+    assert [r is not None and r.verdict is S for r in results] == [True, True] + [False] * 4
+    assert order == [100, 101]
+
+
+def test_after_cancel_nothing_is_sent_until_resume() -> None:
+    """A batch submitted after cancel ends as not sent at once; after resume, batches go out."""
+    order: list[int] = []
+
+    with client("http://api.test", transport=recording(order)) as api:
+        api.cancel()
+        refused = api.submit([Payload(100, {"email": "a@b.c"})]).result(timeout=60)
+        api.resume()
+        sent = api.submit([Payload(101, {"email": "a@b.c"})]).result(timeout=60)
+
+    assert refused == [None]
+    assert sent[0] is not None and sent[0].verdict is S
+    assert order == [101]

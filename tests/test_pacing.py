@@ -1,5 +1,6 @@
 """The pace of requests: spacing, Retry-After, and adapting to throttling (fake clock, no I/O)."""
 
+import asyncio
 import bisect
 import random
 
@@ -211,3 +212,34 @@ def test_against_a_fixed_throttle_few_requests_are_refused(limit: float | None) 
 
     assert throttled / sent < 0.05
     assert (sent - throttled) / 50.0 >= 80.0
+
+
+def test_halt_ends_the_waits_for_a_slot_at_once() -> None:
+    """A halt wakes the request sleeping through a pause and the ones queued behind it: none
+    gets a slot, and the pause stands for when requests resume."""
+    pacer = Pacer(10.0)  # the real clock: the sleep is asyncio's timer
+
+    async def halted_while_waiting() -> list[bool]:
+        pacer.pause(600)  # Retry-After: 600
+        waiting = [asyncio.create_task(pacer.acquire()) for _ in range(3)]
+        await asyncio.sleep(0)  # one sleeps at the gate, two queue for it
+        pacer.halt()
+        return await asyncio.wait_for(asyncio.gather(*waiting), 60)  # hang guard only
+
+    got = asyncio.run(halted_while_waiting())
+
+    assert got == [False, False, False]
+    assert pacer.wait_time() > 500
+
+
+def test_after_resume_requests_get_slots_again() -> None:
+    """A halted pacer gives no slot until resumed, then paces as before."""
+    pacer = Pacer(None)
+
+    async def acquire_twice() -> tuple[bool, bool]:
+        pacer.halt()
+        halted = await pacer.acquire()
+        pacer.resume()
+        return halted, await pacer.acquire()
+
+    assert asyncio.run(acquire_twice()) == (False, True)
