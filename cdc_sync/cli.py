@@ -12,7 +12,6 @@ import importlib
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from sqlalchemy import create_engine, event
 from cdc_sync import __version__, logs
 from cdc_sync.config import Settings, load_settings, resolve_config_path
 from cdc_sync.engagelab import CodePolicy, EngageLabClient, Verdict
-from cdc_sync.engine import Engine, EngineSettings
+from cdc_sync.engine import Engine, EngineSettings, Stop
 from cdc_sync.errors import (
     EX_CONFIG,
     EX_FATAL_API,
@@ -195,7 +194,7 @@ def ready(app: App) -> None:
 
 def cmd_once(app: App, args: argparse.Namespace) -> int:
     ready(app)
-    stop = threading.Event()
+    stop = Stop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     with InstanceLock(app.state.engine, app.settings.name):

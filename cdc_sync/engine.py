@@ -10,9 +10,9 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import structlog
 
 from cdc_sync.engagelab import ApiResult, Verdict
-from cdc_sync.errors import CdcSyncError, FatalApiError, SourceError
+from cdc_sync.errors import CdcSyncError, FatalApiError, SourceError, Stopped
 from cdc_sync.mapping import Mapped, Payload, Skip, SourceRow, map_row
 from cdc_sync.rules import (
     Action,
@@ -51,7 +51,42 @@ class Pusher(Protocol):
 
     def submit(self, payloads: Sequence[Payload]) -> Future[list[ApiResult | None]]: ...
 
-    def resume(self) -> None: ...
+    def cancel(self) -> None:
+        """Start no more requests: those not yet sent end as ``None`` at once, in flight are
+        answered or time out. From any thread or a signal handler."""
+
+    def resume(self) -> None:
+        """Allow requests again (after a fatal answer or :meth:`cancel`)."""
+
+
+class Stop(threading.Event):
+    """The stop signal: an Event that, when set, also calls what is registered on it.
+
+    It is set from a signal handler (``once``, the daemon) or another thread (the daemon's lock
+    watch), and reaches what does not wait on the event itself: a cycle registers
+    :meth:`Pusher.cancel`, so a page's answers, the client's pace and a ``Retry-After`` pause
+    end at once, with no timer or polling while nothing stops.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._calls: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        super().set()
+        for call in list(self._calls):
+            call()
+
+    @contextmanager
+    def calling(self, call: Callable[[], None]) -> Iterator[None]:
+        """Call ``call`` when set during the block, or at once if set already."""
+        self._calls.append(call)
+        try:
+            if self.is_set():
+                call()
+            yield
+        finally:
+            self._calls.remove(call)
 
 
 def utcnow() -> datetime:
@@ -162,10 +197,16 @@ class Engine:
         self._next_due = self.state.earliest_retry()
         self._due_known = True
 
-    def run_cycle(self, stop: threading.Event | None = None) -> CycleReport:
-        """Run one cycle. ``stop`` is checked between pages: the page in flight is always finished
-        and recorded. A fatal API answer is recorded in the run history and re-raised."""
-        stop = stop or threading.Event()
+    def run_cycle(self, stop: Stop | None = None) -> CycleReport:
+        """Run one cycle. A fatal API answer is recorded in the run history and re-raised.
+
+        Once ``stop`` is set no request starts: those queued or waiting for their pace (a
+        ``Retry-After`` pause too) end as not sent at once, the answers of those in flight are
+        awaited (each at most the request timeout), the pages in hand are recorded, and the
+        watermark stays before the first user not sent. No page is read after it, and a source
+        read that is being retried gives up. The run is recorded ``stopped``.
+        """
+        stop = stop or Stop()
         if not self._started:  # first cycle of this process: tidy what a killed one left
             self._started = True
             abandoned = self.state.close_abandoned_runs(self.clock())
@@ -184,15 +225,18 @@ class Engine:
         outcome, error = "ok", None
         try:
             self.pusher.resume()
-            cycle.scan(stop)
-            if self.reach_due(self.clock()) and not stop.is_set():
-                cycle.sweep_outside(stop)
-            if self.settings.audit_rows and not stop.is_set():
-                cycle.audit(stop)
-            if not stop.is_set():
-                cycle.retry_due(stop)
+            with stop.calling(self.pusher.cancel):
+                cycle.scan(stop)
+                if self.reach_due(self.clock()) and not stop.is_set():
+                    cycle.sweep_outside(stop)
+                if self.settings.audit_rows and not stop.is_set():
+                    cycle.audit(stop)
+                if not stop.is_set():
+                    cycle.retry_due(stop)
             if stop.is_set():
                 outcome = "stopped"
+        except Stopped:
+            outcome = "stopped"
         except FatalApiError as exc:
             outcome, error = "fatal", str(exc)
             raise
@@ -267,7 +311,7 @@ class _Cycle:
             after, start = self.window(e._seen)
         pending: _Batch | None = None  # the page whose pushes are in flight
         try:
-            self.horizon, rows = e.source.first_page(after, start, size)
+            self.horizon, rows = e.source.first_page(after, start, size, stop=stop)
             while True:
                 done, pending = pending, self.send(rows, retrying=False) if rows else None
                 if done is not None:
@@ -275,7 +319,7 @@ class _Cycle:
                 if not rows or len(rows) < size or stop.is_set():
                     break
                 after = Position(rows[-1].cursor, rows[-1].key)
-                rows = e.source.read_page(after, None, size)
+                rows = e.source.read_page(after, None, size, stop=stop)
             last, pending = pending, None
             if last is not None:
                 self.finish(last, retrying=False)
@@ -296,7 +340,7 @@ class _Cycle:
         size = e.settings.batch_size
         after = e._progress.reach_key
         while not stop.is_set():
-            rows = e.source.read_by_key(after, size, outside=True)
+            rows = e.source.read_by_key(after, size, outside=True, stop=stop)
             if rows:
                 self.finish(self.send(rows, retrying=False), retrying=False, sweep=True)
             after = rows[-1].key if len(rows) == size else None
@@ -342,7 +386,7 @@ class _Cycle:
                 e.retries_checked()
                 return
             seen.update(keys)
-            rows = e.source.read_keys([e.source.key_from_text(k) for k in keys])
+            rows = e.source.read_keys([e.source.key_from_text(k) for k in keys], stop=stop)
             batch = self.send(rows, retrying=True)
             self.finish(batch, retrying=True)
             self.forget_vanished(set(keys) - set(batch.keys))
@@ -438,7 +482,7 @@ class _Cycle:
         after = e.state.audit_position()
         while budget > 0 and not stop.is_set():
             size = min(budget, e.settings.batch_size)
-            rows = e.source.read_by_key(after, size)
+            rows = e.source.read_by_key(after, size, stop=stop)
             if not rows and after is not None:  # the last slice ended exactly at the end
                 after = None
                 continue

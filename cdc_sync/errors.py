@@ -8,6 +8,8 @@
     ├── FatalApiError               EngageLab refuses every request (credentials, project),
     │                               or its TLS certificate is refused; stop the cycle at once
     │                               and alert (exit 3)
+    ├── Stopped                     the stop signal cut a wait short; the engine ends the cycle
+    │                               as ``stopped`` (never reaches an operator)
     └── lock.LockBusy               another instance of this sync holds its lock; try later
                                     (exit 75, EX_TEMPFAIL)
 
@@ -77,6 +79,11 @@ class FatalApiError(CdcSyncError):
             super().__init__(f"cdc-sync cannot reach EngageLab as configured: {message}")
         else:
             super().__init__(f"EngageLab refused the sync (HTTP {status}, code {code}): {message}")
+
+
+class Stopped(CdcSyncError):
+    """The stop signal came while something waited (a source read between its retries): the
+    cycle ends as ``stopped``, and what was not done is done by the next one."""
 
 
 def first_line(exc: BaseException) -> str:

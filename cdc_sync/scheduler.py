@@ -1,9 +1,11 @@
 """The daemon: the instance lock, an APScheduler 3.x interval job running one cycle at a time, and
 signal handling.
 
-SIGTERM or SIGINT stops taking new work: the cycle in flight finishes the page it is on, records
-it, the lock is released, and the process exits 0. Missed runs are coalesced into one; a cycle
-never overlaps another, in this process (one worker) or in any other (the lock).
+SIGTERM or SIGINT stops taking new work: the cycle in flight stops at once (no request starts,
+the answers of those in flight are awaited, each for at most the request timeout), records what
+it has, the lock is released, and the process exits 0 (see :meth:`Engine.run_cycle`). Missed
+runs are coalesced into one; a cycle never overlaps another, in this process (one worker) or in
+any other (the lock).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from cdc_sync.engine import Engine, utcnow
+from cdc_sync.engine import Engine, Stop, utcnow
 from cdc_sync.errors import CdcSyncError, FatalApiError
 from cdc_sync.lock import InstanceLock
 
@@ -33,7 +35,7 @@ class Daemon:
     while waiting ends it with no cycle run. Holding the lock, it checks every ``min(5 s,
     interval)`` and before each cycle that the lock is still held. If the lock is lost (its
     PostgreSQL session ended: server restart, network cut, backend terminated; or its lock file
-    deleted), the daemon logs ``lock_lost``, lets the cycle in flight finish its page, schedules
+    deleted), the daemon logs ``lock_lost``, stops the cycle in flight as a signal does, schedules
     no more cycles and goes back to waiting for the lock: another instance may have taken over
     in the meantime, and the process stays up (exit 0 on SIGTERM) rather than relying on a
     restart to come back.
@@ -49,9 +51,9 @@ class Daemon:
         self.lock = lock or InstanceLock(engine.state.engine, engine.settings.name)
         self.poll = min(LOCK_POLL_MAX, interval.total_seconds())
         self.stopping = threading.Event()
-        # Set to end the current tenure of the lock (stop, or lock lost); the engine checks it
-        # between pages. A fresh one for every tenure.
-        self.halt = threading.Event()
+        # Set to end the current tenure of the lock (stop, or lock lost); it stops the cycle in
+        # flight. A fresh one for every tenure.
+        self.halt = Stop()
 
     def cycle(self) -> None:
         """One scheduled cycle. Errors are logged and the daemon carries on with the next one:
@@ -94,8 +96,8 @@ class Daemon:
 
     def _serve(self) -> None:
         """Run cycles while the lock is held; return once stopped or the lock is lost, after the
-        cycle in flight has finished its page."""
-        self.halt = threading.Event()
+        cycle in flight has ended."""
+        self.halt = Stop()
         if self.stopping.is_set():  # a stop that came before this tenure's halt existed
             return
         self.engine.begin_tenure()  # another instance may have synced while we waited
@@ -112,11 +114,11 @@ class Daemon:
             id="cycle",
         )
         scheduler.start()
-        # Between cycles the lock is watched here too, so a long cycle stops at its next page.
+        # Between cycles the lock is watched here too, so a long cycle stops when it is lost.
         while not self.halt.wait(self.poll):
             if not self.lock.still_held():
                 self._lock_lost()
-        scheduler.shutdown(wait=True)  # lets the cycle in flight finish its page
+        scheduler.shutdown(wait=True)  # the cycle in flight ends: the halt stopped it
 
     def _lock_lost(self) -> None:
         if not self.halt.is_set():

@@ -9,7 +9,7 @@ twice within a cycle.
 from __future__ import annotations
 
 import functools
-import time
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,7 +49,7 @@ from sqlalchemy.exc import DBAPIError, NoSuchTableError, SQLAlchemyError
 from sqlalchemy.sql.expression import Executable
 from sqlalchemy.types import UserDefinedType
 
-from cdc_sync.errors import SourceError, first_line
+from cdc_sync.errors import SourceError, Stopped, first_line
 from cdc_sync.mapping import SourceRow
 from cdc_sync.rules import Position
 
@@ -60,6 +60,7 @@ log = structlog.get_logger("cdc_sync.source")
 # A statement timeout (57014) is not retried: the query is slow, and would be slow again.
 RETRYABLE_STATES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03"})
 READ_ATTEMPTS = 4
+_UNSTOPPED = threading.Event()  # the stop of a read nobody stops (check, tests): never set
 
 
 class Xid8(UserDefinedType[int]):
@@ -288,18 +289,22 @@ def _written(lookback: timedelta | int) -> str:
 
 
 class Source:
-    """Reads the configured table; reflects it once on :meth:`open`."""
+    """Reads the configured table; reflects it once on :meth:`open`.
+
+    ``wait(stop, seconds)`` waits before a read is tried again, True if ``stop`` was set
+    meanwhile (tests record the delays instead).
+    """
 
     def __init__(
         self,
         engine: Engine,
         spec: SourceSpec,
         *,
-        sleep: Callable[[float], None] = time.sleep,
+        wait: Callable[[threading.Event, float], bool] = threading.Event.wait,
     ) -> None:
         self.engine = engine
         self.spec = spec
-        self._sleep = sleep
+        self._wait = wait
         self._table: Table | None = None
         self._pages: dict[tuple[bool, bool, int, bool], Select[Any]] = {}
         # One statement, one implicit read-only transaction: no BEGIN/COMMIT round trips.
@@ -439,13 +444,15 @@ class Source:
         [row] = self._run(query)
         return None if row[0] is None else float(row[0])
 
-    def read_page(self, after: Position | None, start: Any, limit: int) -> list[SourceRow]:
+    def read_page(
+        self, after: Position | None, start: Any, limit: int, *, stop: threading.Event | None = None
+    ) -> list[SourceRow]:
         """A page after ``after``, or from cursor ``start``, or from the top (see page_query)."""
         query = self._page(after is not None, start is not None, limit, with_horizon=False)
-        return self._read(query, page_params(after, start))
+        return self._read(query, page_params(after, start), stop)
 
     def first_page(
-        self, after: Position | None, start: Any, limit: int
+        self, after: Position | None, start: Any, limit: int, *, stop: threading.Event | None = None
     ) -> tuple[Horizon, list[SourceRow]]:
         """A cycle's first page and the :class:`Horizon`, in one statement.
 
@@ -453,9 +460,9 @@ class Source:
         comes back even when the page is empty: an idle poll is one round trip to the source.
         """
         if self.engine.dialect.name != "postgresql":
-            return Horizon(), self.read_page(after, start, limit)
+            return Horizon(), self.read_page(after, start, limit, stop=stop)
         query = self._page(after is not None, start is not None, limit, with_horizon=True)
-        rows = self._run(query, page_params(after, start))
+        rows = self._run(query, page_params(after, start), stop)
         horizon = Horizon(*rows[0][:3])
         found = [row[4:] for row in rows if row[3] is not None]
         return horizon, self._rows(found)
@@ -474,15 +481,24 @@ class Source:
             self._pages[shape] = query
         return query
 
-    def read_keys(self, keys: Sequence[Any]) -> list[SourceRow]:
+    def read_keys(
+        self, keys: Sequence[Any], *, stop: threading.Event | None = None
+    ) -> list[SourceRow]:
         """The current rows of these keys (those that still exist)."""
         if not keys:
             return []
         column = self.table.c[self.spec.key]
         query = read_columns(self.table, self.spec, self._finite_cursor()).where(column.in_(keys))
-        return self._read(query.order_by(column))
+        return self._read(query.order_by(column), None, stop)
 
-    def read_by_key(self, after: Any, limit: int, *, outside: bool = False) -> list[SourceRow]:
+    def read_by_key(
+        self,
+        after: Any,
+        limit: int,
+        *,
+        outside: bool = False,
+        stop: threading.Event | None = None,
+    ) -> list[SourceRow]:
         """A page in key order after key ``after`` (None: from the start): the audit's sweep, or
         (``outside``) the sweep of rows outside the keyset scan's reach, whose cursor is NULL or
         infinite (read with a None cursor). An infinite cursor always reads as None."""
@@ -492,7 +508,7 @@ class Source:
             query = query.where(out_of_reach(self.table, self.spec, infinite=self.infinite))
         if after is not None:
             query = query.where(column > after)
-        return self._read(query.order_by(column).limit(limit))
+        return self._read(query.order_by(column).limit(limit), None, stop)
 
     def outside_reach(self) -> tuple[int, int]:
         """How many rows have a NULL cursor, and how many an infinite one, in one statement.
@@ -533,11 +549,17 @@ class Source:
             return uuid.UUID(text)
         return text
 
-    def _run(self, query: Executable, params: Mapping[str, Any] | None = None) -> Sequence[Any]:
+    def _run(
+        self,
+        query: Executable,
+        params: Mapping[str, Any] | None = None,
+        stop: threading.Event | None = None,
+    ) -> Sequence[Any]:
         """Run one query (its own short read-only transaction), retrying what a replica throws.
 
         A recovery conflict or a dropped connection gets a fresh transaction on a fresh
         connection after a short backoff; anything else, or the last failure, is a SourceError.
+        ``stop`` cuts the backoff short and ends the read with :class:`Stopped`.
         """
         for attempt in range(1, READ_ATTEMPTS + 1):
             try:
@@ -560,12 +582,18 @@ class Source:
                     sqlstate=_sqlstate(exc),
                     error=first_line(exc),
                 )
-                self._sleep(delay)
+                if self._wait(stop or _UNSTOPPED, delay):
+                    raise Stopped("stopped while a source read waited to be tried again") from exc
         raise AssertionError("unreachable")
 
-    def _read(self, query: Select[Any], params: Mapping[str, Any] | None = None) -> list[SourceRow]:
+    def _read(
+        self,
+        query: Select[Any],
+        params: Mapping[str, Any] | None = None,
+        stop: threading.Event | None = None,
+    ) -> list[SourceRow]:
         """Run a query over ``spec.columns()`` and build its rows."""
-        return self._rows(self._run(query, params))
+        return self._rows(self._run(query, params, stop))
 
     def _rows(self, rows: Iterable[Sequence[Any]]) -> list[SourceRow]:
         """Rows of ``spec.columns()`` as SourceRows (by position: a hot loop)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +18,15 @@ from cdc_sync.engine import CycleReport, Engine, EngineSettings
 from cdc_sync.rules import Retry
 from cdc_sync.source import Source, SourceSpec
 from cdc_sync.state import StateStore
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    """Poll a condition until it holds (a readiness wait; it never stands in for correctness)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
 
 
 class Clock:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from harness import World
+from harness import World, wait_for
 from sqlalchemy import Engine as SqlEngine
 from sqlalchemy import event, select
 
 from cdc_sync.emulator import Faults
-from cdc_sync.engagelab import EngageLabClient
+from cdc_sync.engagelab import MAX_RETRY_AFTER, EngageLabClient
+from cdc_sync.engine import Stop
 from cdc_sync.errors import FatalApiError
 from cdc_sync.models import sync_runs
 
@@ -448,3 +450,41 @@ def test_the_audit_finds_a_change_to_a_row_with_no_cursor(world: World) -> None:
 
     assert report.counts.audit_misses == 1
     assert world.emulator.received(1007)[-1] == {"email": "changed@example.com"}
+
+
+def test_a_stop_ends_a_cycle_held_by_retry_after_and_loses_nothing(world: World) -> None:
+    """A stop during a Retry-After pause ends the cycle at once as stopped: the told user is
+    retrying after the capped pause, the users not sent are not recorded and the watermark
+    stays before them; the next cycle sends them."""
+    world.users.add_users(range(1, 21))
+    world.emulator.set_faults(Faults(throttled_euids=[1005], retry_after=600))
+    stop = Stop()
+
+    def stop_once_told() -> None:
+        wait_for(lambda: world.emulator.stats()["faults"]["throttled"] == 1, "the 429")
+        stop.set()
+
+    with ThreadPoolExecutor(2) as pool:
+        pool.submit(stop_once_told)
+        report = pool.submit(world.engine().run_cycle, stop).result(timeout=60)  # hang guard
+
+    sent = {euid - 1000 for euid in world.emulator.all_received()}
+    recorded = {int(key) for key in world.state.records([str(i) for i in range(1, 21)])}
+    watermark = world.state.watermark()
+    told = world.status(5)
+    assert report.outcome == "stopped"
+    assert (told["status"], told["last_code"]) == ("retrying", 429)
+    assert told["next_attempt_at"] == world.clock.now + timedelta(seconds=MAX_RETRY_AFTER)
+    assert recorded == sent | {5}
+    assert len(recorded) < 20
+    assert watermark is not None and watermark.key < min(set(range(1, 21)) - recorded)
+
+    world.emulator.set_faults(Faults())
+    world.clock.now += timedelta(seconds=1)
+    later = EngageLabClient(world.server.url, "key", "secret")  # this one's pause is still on
+    world.cycle(later)
+    later.close()
+
+    assert world.emulator.received(1005) == []
+    assert set(world.emulator.all_received()) == {1000 + i for i in range(1, 21)} - {1005}
+    assert all(len(got) == 1 for got in world.emulator.all_received().values())

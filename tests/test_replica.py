@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from harness import World
+from harness import World, wait_for
 from sqlalchemy import create_engine, func, select, text
 from userdb import CONTACT_COLUMNS, UserDb
 
+from cdc_sync.errors import Stopped
 from cdc_sync.models import sync_runs
 from cdc_sync.source import Source, SourceSpec
 from cdc_sync.testing.postgres import PostgresServer, scratch_dir
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    """Poll a condition until it holds (a readiness wait; it never stands in for correctness)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -56,20 +47,28 @@ def test_future_cursor_does_not_carry_the_watermark(world: World) -> None:
     assert world.emulator.received(1005) == [{"email": "user5@example.com"}]
 
 
-def test_read_retries_after_the_connection_is_killed(pg_database: str) -> None:
-    """A page whose backend is terminated mid-query is read again on a fresh connection."""
-    db = UserDb(pg_database)
-    db.add_users(range(1, 4))
-    with db.engine.begin() as connection:
-        connection.execute(
-            text("CREATE VIEW slow_users AS SELECT u.* FROM users u, LATERAL pg_sleep(0.5)")
-        )
-    delays: list[float] = []
-    spec = SourceSpec("slow_users", "id", "updated_at", "engagelab_euid", CONTACT_COLUMNS)
-    source = Source(create_engine(pg_database), spec, sleep=delays.append).open()
-    result: list[object] = []
-    reader = threading.Thread(target=lambda: result.append(source.read_page(None, None, 10)))
+def noting(delays: list[float]) -> Callable[[threading.Event, float], bool]:
+    """A Source wait that notes each delay and goes on at once, never stopped."""
 
+    def wait(stop: threading.Event, delay: float) -> bool:
+        delays.append(delay)
+        return False
+
+    return wait
+
+
+def read_while_killed(pg_database: str, source: Source, stop: threading.Event) -> object:
+    """Read a page of ``slow_users`` while its backend is terminated mid-query; what came back
+    (the rows, or the exception)."""
+    result: list[object] = []
+
+    def read() -> None:
+        try:
+            result.append(source.read_page(None, None, 10, stop=stop))
+        except Exception as exc:
+            result.append(exc)
+
+    reader = threading.Thread(target=read)
     reader.start()
     with psycopg.connect(pg_database.replace("+psycopg", ""), autocommit=True) as admin:
 
@@ -85,10 +84,46 @@ def test_read_retries_after_the_connection_is_killed(pg_database: str) -> None:
             "WHERE query LIKE '%FROM slow_users%' AND state = 'active' AND pid <> pg_backend_pid()"
         )
     reader.join()
+    return result[0]
+
+
+@pytest.fixture
+def slow_users(pg_database: str) -> Iterator[SourceSpec]:
+    """Three users behind a view that takes half a second to read."""
+    db = UserDb(pg_database)
+    db.add_users(range(1, 4))
+    with db.engine.begin() as connection:
+        connection.execute(
+            text("CREATE VIEW slow_users AS SELECT u.* FROM users u, LATERAL pg_sleep(0.5)")
+        )
+    yield SourceSpec("slow_users", "id", "updated_at", "engagelab_euid", CONTACT_COLUMNS)
+    db.dispose()
+
+
+def test_read_retries_after_the_connection_is_killed(
+    pg_database: str, slow_users: SourceSpec
+) -> None:
+    """A page whose backend is terminated mid-query is read again on a fresh connection."""
+    delays: list[float] = []
+    source = Source(create_engine(pg_database), slow_users, wait=noting(delays)).open()
+
+    rows = read_while_killed(pg_database, source, threading.Event())
 
     assert delays == [0.2]
-    assert [row.key for row in result[0]] == [1, 2, 3]  # type: ignore[attr-defined]
-    db.dispose()
+    assert [row.key for row in rows] == [1, 2, 3]  # type: ignore[attr-defined]
+
+
+def test_a_stop_ends_a_read_instead_of_retrying_it(
+    pg_database: str, slow_users: SourceSpec
+) -> None:
+    """A read that failed after the stop signal raises Stopped instead of waiting to retry."""
+    source = Source(create_engine(pg_database), slow_users).open()
+    stop = threading.Event()
+    stop.set()
+
+    outcome = read_while_killed(pg_database, source, stop)
+
+    assert isinstance(outcome, Stopped)
 
 
 @pytest.fixture
@@ -127,7 +162,7 @@ def test_recovery_conflict_is_retried(
     primary.wait_for_replay(standby)
     delays: list[float] = []
     spec = SourceSpec("slow_users", "id", "updated_at", "engagelab_euid", CONTACT_COLUMNS)
-    source = Source(create_engine(standby.url("app")), spec, sleep=delays.append).open()
+    source = Source(create_engine(standby.url("app")), spec, wait=noting(delays)).open()
     result: list[object] = []
     reader = threading.Thread(target=lambda: result.append(source.read_page(None, None, 10)))
 
