@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine as SqlEngine
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, make_url
 
 from cdc_sync import __version__, logs
 from cdc_sync.config import Settings, load_settings, resolve_config_path
@@ -83,6 +83,17 @@ class App:
 # Recycling keeps connections younger than most firewalls' idle timeouts.
 POOL: dict[str, Any] = {"pool_size": 2, "max_overflow": 2, "pool_recycle": 1800}
 
+CONNECT_TIMEOUT = 10
+"""Seconds to connect to a PostgreSQL server (unless its URL says ``connect_timeout=``): without
+one, libpq waits for the kernel to give up on an unreachable host, two minutes or more."""
+
+def _postgres_engine(url: str) -> SqlEngine:
+    """A pooled engine whose connections give up on a server that does not answer."""
+    given = "connect_timeout" in make_url(url).query
+    return create_engine(
+        url, connect_args={} if given else {"connect_timeout": CONNECT_TIMEOUT}, **POOL
+    )
+
 
 def state_engine(url: str) -> SqlEngine:
     if url.startswith("sqlite"):
@@ -96,13 +107,13 @@ def state_engine(url: str) -> SqlEngine:
             cursor.close()
 
         return engine
-    return create_engine(url, **POOL)
+    return _postgres_engine(url)
 
 
 def source_engine(url: str) -> SqlEngine:
     if url.startswith("sqlite"):
         return create_engine(url)
-    return create_engine(url, **POOL)
+    return _postgres_engine(url)
 
 
 def source_spec(s: Settings) -> SourceSpec:

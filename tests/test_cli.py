@@ -16,11 +16,13 @@ from typing import Any
 import pytest
 import trustme
 import yaml
+from sqlalchemy import event
 from tinyproxy import PROXY_USER, TinyProxy
 from tlsserver import https_server
 from userdb import UserDb, write_config
 
 from cdc_sync import __version__
+from cdc_sync.cli import source_engine, state_engine
 from cdc_sync.emulator import Emulator, EmulatorServer, Faults
 
 UNREACHABLE = "postgresql+psycopg://postgres@127.0.0.1:1/x"  # nothing listens on port 1
@@ -741,3 +743,20 @@ def test_a_sqlite_contact_that_is_not_utf8_skips_its_user_and_quotes_nothing(
         f"sqlite:///{tmp_path}/state.db"
     )
     assert "a\ufffdb" not in text and "a\\xffb" not in text and "a\\udcffb" not in text
+
+
+@pytest.mark.parametrize(("query", "expected"), [("", 10), ("?connect_timeout=3", "3")])
+def test_postgres_connections_give_up_on_a_server_that_does_not_answer(
+    pg_database: str, query: str, expected: object
+) -> None:
+    """Source and tracking connections to PostgreSQL have a connect timeout, 10 s unless the
+    URL sets one: an unreachable host cannot hold a stop for minutes."""
+    seen: list[object] = []
+    for build in (source_engine, state_engine):
+        engine = build(pg_database + query)
+        event.listen(engine, "do_connect", lambda *args: seen.append(args[3]["connect_timeout"]))
+        with engine.connect():
+            pass
+        engine.dispose()
+
+    assert seen == [expected, expected]
