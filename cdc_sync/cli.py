@@ -87,6 +87,23 @@ CONNECT_TIMEOUT = 10
 """Seconds to connect to a PostgreSQL server (unless its URL says ``connect_timeout=``): without
 one, libpq waits for the kernel to give up on an unreachable host, two minutes or more."""
 
+STOP_MARGIN = 2 * CONNECT_TIMEOUT
+"""What a stop may take beyond the request timeout and the statement timeout (see
+:func:`stop_within`): connecting to the replica, and recording the pages in hand and the run."""
+
+
+def stop_within(settings: Settings) -> float:
+    """The most seconds from SIGTERM to the end of ``once`` or ``run``, as the README states.
+
+    Once stopped, a cycle starts no request and no page read (Engine.run_cycle); what it may
+    still wait for is the requests in flight (each at most ``engagelab.timeout``), one source
+    statement under way (``source.statement_timeout``, after a connection), and the tracking
+    database taking the pages in hand and the run. Keep it within systemd's TimeoutStopSec.
+    """
+    timeouts = settings.engagelab.timeout + settings.source.statement_timeout
+    return timeouts.total_seconds() + STOP_MARGIN
+
+
 def _postgres_engine(url: str) -> SqlEngine:
     """A pooled engine whose connections give up on a server that does not answer."""
     given = "connect_timeout" in make_url(url).query

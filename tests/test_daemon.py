@@ -17,6 +17,8 @@ import pytest
 from sqlalchemy import create_engine, select
 from userdb import UserDb, write_config
 
+from cdc_sync.cli import stop_within
+from cdc_sync.config import load_settings
 from cdc_sync.emulator import EmulatorServer, Faults
 from cdc_sync.models import metadata
 from cdc_sync.state import decode_value
@@ -36,12 +38,12 @@ def cdc_sync(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextmanager
-def daemon(config: Path) -> Iterator[subprocess.Popen[str]]:
-    """``cdc-sync run`` in a child process, its output in files beside the config; killed if the
-    test leaves it running."""
+def daemon(config: Path, command: str = "run") -> Iterator[subprocess.Popen[str]]:
+    """``cdc-sync run`` (or another command) in a child process, its output in files beside the
+    config; killed if the test leaves it running."""
     with (config.parent / "run.out").open("w") as out, (config.parent / "run.err").open("w") as err:
-        process = subprocess.Popen(cdc_sync_args(config, "run"), stdout=out, stderr=err, text=True,
-                                   env=dict(os.environ), cwd=config.parent)
+        process = subprocess.Popen(cdc_sync_args(config, command), stdout=out, stderr=err,
+                                   text=True, env=dict(os.environ), cwd=config.parent)
         try:
             yield process
         finally:
@@ -149,3 +151,52 @@ def test_daemon_picks_up_a_change_made_while_it_runs(
     assert [p["email"] for p in emulator.received(1005)] == ["user5@example.com",
                                                              "changed5@example.com"]
     assert all(len(got) == 1 for euid, got in emulator.all_received().items() if euid != 1005)
+
+
+TOLD = 1005  # the euid the emulator answers 429 Retry-After: 600
+
+
+@pytest.mark.parametrize("command", ["once", "run"])
+def test_sigterm_ends_a_retry_after_pause_within_the_documented_bound(
+    users: UserDb, api: EmulatorServer, state_url: str, tmp_path: Path, command: str
+) -> None:
+    """Told to wait 600 s by a 429, ``once`` and ``run`` exit 0 on SIGTERM within the README's
+    bound, the run recorded stopped, the told user retrying after the 5 minute cap, nothing
+    unsent recorded; a later ``once`` sends those not sent."""
+    add_users_in_order(users, range(1, 41))
+    emulator = api.emulator
+    emulator.set_faults(Faults(throttled_euids=[TOLD], retry_after=600))
+    config = write_config(tmp_path / "config.yaml", source_url=users.url, state_url=state_url,
+                          api_url=api.url, source={"batch_size": 10, "lookback": "0s"},
+                          engagelab={"concurrency": 2})
+    bound = stop_within(load_settings(config, os.environ))
+    assert cdc_sync(config, "migrate").returncode == 0
+
+    with daemon(config, command) as process:
+        wait_until(lambda: emulator.stats()["faults"]["throttled"] >= 1, "the 429", process)
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=bound)  # the hang guard is the bound itself
+
+    assert status == 0, stderr_of(config)
+    assert "Traceback" not in stderr_of(config)
+    accepted = {euid - 1000 for euid in emulator.all_received()}
+    (last_run,) = read_state(state_url, "cdc_sync_runs")
+    assert (last_run["outcome"], last_run["pushed"]) == ("stopped", len(accepted))
+    assert last_run["finished_at"] is not None
+    statuses = {int(s["source_key"]): s for s in read_state(state_url, "cdc_sync_status")}
+    told = statuses.pop(TOLD - 1000)
+    assert (told["status"], told["last_code"]) == ("retrying", 429)
+    assert told["next_attempt_at"] - told["last_attempt_at"] == timedelta(minutes=5)
+    assert {key for key, s in statuses.items() if s["status"] == "synced"} == accepted
+    assert set(statuses) == accepted and len(accepted) < 39
+    (watermark,) = read_state(state_url, "cdc_sync_state")
+    assert all(i in statuses or i == TOLD - 1000
+               for i in range(1, decode_value(watermark["key_value"]) + 1))
+
+    emulator.set_faults(Faults())
+    after = cdc_sync(config, "once")
+
+    assert after.returncode == 0, after.stderr
+    assert f", pushed {39 - len(accepted)}, " in after.stdout
+    assert set(emulator.all_received()) == {1000 + i for i in range(1, 41)} - {TOLD}
+    assert all(len(got) == 1 for got in emulator.all_received().values())
