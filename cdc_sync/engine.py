@@ -73,6 +73,8 @@ class Stop(threading.Event):
         self._calls: list[Callable[[], None]] = []
 
     def set(self) -> None:
+        if self.is_set():  # a second signal: everything registered has been told
+            return
         super().set()
         for call in list(self._calls):
             call()

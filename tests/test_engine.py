@@ -488,3 +488,20 @@ def test_a_stop_ends_a_cycle_held_by_retry_after_and_loses_nothing(world: World)
     assert world.emulator.received(1005) == []
     assert set(world.emulator.all_received()) == {1000 + i for i in range(1, 21)} - {1005}
     assert all(len(got) == 1 for got in world.emulator.all_received().values())
+
+
+def test_a_stop_calls_what_is_registered_while_it_is_registered() -> None:
+    """A Stop calls a registered call once when set, at once if set already, never after."""
+    calls: list[str] = []
+    stop, early = Stop(), Stop()
+    early.set()
+
+    with stop.calling(lambda: calls.append("during")), early.calling(lambda: calls.append("set")):
+        stop.set()
+        stop.set()
+    after = Stop()
+    with after.calling(lambda: calls.append("after")):
+        pass
+    after.set()
+
+    assert calls == ["set", "during"]
