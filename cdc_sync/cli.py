@@ -22,7 +22,8 @@ from sqlalchemy import Engine as SqlEngine
 from sqlalchemy import create_engine, event, make_url
 
 from cdc_sync import __version__, logs
-from cdc_sync.config import Settings, load_settings, resolve_config_path
+from cdc_sync.config import Settings, load_settings
+from cdc_sync.configfile import resolve_config_path
 from cdc_sync.engagelab import CodePolicy, EngageLabClient, Verdict
 from cdc_sync.engine import Engine, EngineSettings, Stop
 from cdc_sync.errors import (

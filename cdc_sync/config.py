@@ -1,8 +1,9 @@
-"""Loading ``config.yaml`` into frozen, validated settings.
+"""Validating a config file's tree into frozen settings.
 
-This is the only module that reads YAML or the environment. A file travels one way::
+A file travels one way::
 
     read the file → parse YAML → interpolate ${VAR} in string values → validate → Settings
+    (cdc_sync.configfile ..............................................)  (this module)
 
 Every problem on the way becomes a :class:`~cdc_sync.errors.ConfigError` that names the file and
 the dotted key path (``source.batch_size``), so the operator fixes the file without reading a
@@ -14,14 +15,12 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 import re
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -38,83 +37,22 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.engine import make_url
 
+from cdc_sync import dburls
+from cdc_sync.configfile import DEFAULT_CONFIG_FILE, dotted, interpolate, read_tree
+from cdc_sync.dburls import mask_password
+from cdc_sync.durations import DURATION_HINT, format_duration, parse_duration
 from cdc_sync.errors import ConfigError
 from cdc_sync.proxies import Proxy
 
-CONFIG_ENV_VAR = "CDC_SYNC_CONFIG"
-DEFAULT_CONFIG_FILE = "config.yaml"
 DEFAULT_STATE_URL = "sqlite:///cdc-sync-state.db"
 
 ContactKey = Literal["email", "mobile_phone", "landline_phone", "whatsapp_phone"]
 ApiCodeClass = Literal["transient", "permanent", "fatal"]
 
 # ---------------------------------------------------------------------------------------------
-# Durations
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_BARE_NUMBER = re.compile(r"\d+(?:\.\d+)?")
-_UNITS: dict[str, timedelta] = {
-    "d": timedelta(days=1),
-    "h": timedelta(hours=1),
-    "m": timedelta(minutes=1),
-    "s": timedelta(seconds=1),
-    "ms": timedelta(milliseconds=1),
-}
-_UNIT_RANK = {unit: rank for rank, unit in enumerate(_UNITS)}
-_DURATION_HINT = "write e.g. 30s, 5m, 1h"
-
-
-def parse_duration(text: str) -> timedelta:
-    """Turn ``"90s"``, ``"5m"``, ``"1h30m"`` or ``"250ms"`` into a timedelta.
-
-    Units are d, h, m, s and ms, largest first and each at most once; a number may have a decimal
-    part (``"1.5h"``). A unitless string is refused: ``"60"`` could mean seconds or minutes, and
-    the file should say which.
-    """
-    stripped = text.strip()
-    if _BARE_NUMBER.fullmatch(stripped):
-        raise ValueError(f"{text!r} has no unit; write e.g. {stripped}s")
-    total, position, last_rank = timedelta(0), 0, -1
-    while position < len(stripped):
-        part = _DURATION_PART.match(stripped, position)
-        if part is None:
-            break
-        number, unit = part.groups()
-        if _UNIT_RANK[unit] <= last_rank:
-            raise ValueError(
-                f"{text!r} is not a duration; give units largest first, each once, e.g. 1h30m"
-            )
-        try:
-            total += _UNITS[unit] * (float(number) if "." in number else int(number))
-        except OverflowError:
-            raise ValueError(f"{text!r} is too long a duration") from None
-        position, last_rank = part.end(), _UNIT_RANK[unit]
-    if not stripped or position < len(stripped):
-        raise ValueError(f"{text!r} is not a duration; {_DURATION_HINT}")
-    return total
-
-
-def format_duration(value: timedelta) -> str:
-    """Write a non-negative timedelta the way a config file would (``"1h30m"``, ``"250ms"``).
-
-    The inverse of :func:`parse_duration`; used to print settings back to the operator.
-    """
-    if value < timedelta(0):
-        raise ValueError("a duration is never negative")
-    micros = value // timedelta(microseconds=1)
-    parts = []
-    for unit in ("d", "h", "m", "s"):
-        count, micros = divmod(micros, _UNITS[unit] // timedelta(microseconds=1))
-        if count:
-            parts.append(f"{count}{unit}")
-    if micros:
-        millis, rest = divmod(micros, 1000)
-        parts.append(f"{millis}.{rest:03d}".rstrip("0").rstrip(".") + "ms")
-    return "".join(parts) or "0s"
-
+# Validation errors and durations
 
 _OWN_ERROR = "cdc_sync_config"  # the error type of our own messages, which quote what they need
 
@@ -138,9 +76,9 @@ def _fail_at(model: type[BaseModel], loc: tuple[str | int, ...], problem: str) -
 def _seconds(value: object) -> float:
     """Accept a bare YAML number as seconds; booleans are numbers to Python but not to us."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _invalid(f"expected a duration; {_DURATION_HINT}")
+        raise _invalid(f"expected a duration; {DURATION_HINT}")
     if not math.isfinite(value) or value < 0:
-        raise _invalid(f"{value!r} is not a duration; {_DURATION_HINT}")
+        raise _invalid(f"{value!r} is not a duration; {DURATION_HINT}")
     return float(value)
 
 
@@ -279,65 +217,13 @@ def _check_name(value: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Database URLs
 
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
-_URL_HINT = "write e.g. postgresql+psycopg://user@host:5432/db"
-_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
 
-
-def mask_password(text: str) -> str:
-    """Replace the password of every ``scheme://user:password@host`` URL in ``text`` with ***."""
-    return _URL_PASSWORD.sub(r"\1***@", text)
-
-
-def _is_memory(url: URL) -> bool:
-    """Whether a SQLite URL names an in-memory database rather than a file."""
-    return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
-
-
-def _database_url(text: str, config_dir: Path) -> str:
-    """Check a SQLAlchemy URL and put it in the form the rest of cdc-sync relies on.
-
-    ``postgres://`` and driverless ``postgresql://`` name psycopg 3 (the driver we ship), and a
-    relative SQLite path is anchored at the config file's directory, so the daemon's working
-    directory (systemd's is ``/``) does not decide which file is used.
-    """
-    text = re.sub(r"^(postgres|postgresql)://", "postgresql+psycopg://", text.strip())
+def _database_url(text: str, info: ValidationInfo) -> str:
+    """A database URL checked and normalised (see :func:`cdc_sync.dburls.normalise`)."""
     try:
-        url = make_url(text)
-    except (ArgumentError, ValueError):
-        # SQLAlchemy's own message quotes the whole URL, password included.
-        raise _invalid(f"not a database URL; {_URL_HINT}") from None
-    try:
-        url.get_dialect().import_dbapi()  # the dialect alone imports no driver
-    except (NoSuchModuleError, ArgumentError):
-        raise _invalid(
-            f"unknown database dialect or driver {url.drivername!r}; {_URL_HINT}"
-        ) from None
-    except ImportError as exc:
-        raise _invalid(
-            f"the driver for {url.drivername!r} is not installed ({exc.name}); {_URL_HINT}"
-        ) from None
-    if url.get_backend_name() != "sqlite" or _is_memory(url):
-        return text
-    database = str(url.database)
-    if database.startswith("file:") or os.path.isabs(database):
-        return text
-    absolute = os.path.normpath(config_dir / database)
-    return url.set(database=absolute).render_as_string(hide_password=False)
-
-
-def _same_database(left: str, right: str) -> bool:
-    """Whether two URLs reach one database, whatever user, driver or password they use."""
-
-    def identity(text: str) -> tuple[object, ...]:
-        url = make_url(text)
-        backend = url.get_backend_name()
-        if backend == "sqlite":
-            return (backend, url.database)
-        port = url.port or _DEFAULT_PORTS.get(backend)
-        return (backend, (url.host or "").lower(), port, url.database)
-
-    return identity(left) == identity(right)
+        return dburls.normalise(text, _config_dir(info))
+    except ValueError as error:
+        raise _invalid(str(error)) from None
 
 
 def _config_dir(info: ValidationInfo) -> Path:
@@ -379,7 +265,7 @@ class SourceSettings(BaseModel):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str, info: ValidationInfo) -> str:
-        return _database_url(value, _config_dir(info))
+        return _database_url(value, info)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         return _masked_url_repr(self)
@@ -397,9 +283,9 @@ class StateSettings(BaseModel):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str, info: ValidationInfo) -> str:
-        url = _database_url(value, _config_dir(info))
+        url = _database_url(value, info)
         parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite" and _is_memory(parsed):
+        if parsed.get_backend_name() == "sqlite" and dburls.is_memory(parsed):
             raise _invalid(
                 "an in-memory database forgets every watermark at exit; "
                 f"name a file, e.g. {DEFAULT_STATE_URL}"
@@ -557,7 +443,7 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _check_state_is_not_source(self, info: ValidationInfo) -> Self:
-        if _same_database(self.state.url, self.source.url):
+        if dburls.same_database(self.state.url, self.source.url):
             raise _fail_at(
                 type(self),
                 ("state", "url"),
@@ -586,132 +472,7 @@ class Settings(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Environment interpolation
-
-_REFERENCE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|\$")
-
-
-def _substitute(text: str, environ: Mapping[str, str]) -> str:
-    """Expand ``${VAR}``, ``${VAR:-default}`` and ``$$`` in one string; ValueError names the fault.
-
-    A lone ``$`` is an error rather than a literal: ``$VAR`` would otherwise reach EngageLab as
-    the text "$VAR" and fail far from the typo. Substituted values are not expanded again.
-    """
-
-    def replace(match: re.Match[str]) -> str:
-        name, default = match.group("name"), match.group("default")
-        if match.group() == "$$":
-            return "$"
-        if name is None:
-            raise ValueError(
-                "a '$' must start ${NAME} or ${NAME:-default}; write $$ for a literal $"
-            )
-        value = environ.get(name)
-        if default is not None:
-            return value or default
-        if value is None:
-            raise ValueError(f"environment variable {name} is not set")
-        return value
-
-    return _REFERENCE.sub(replace, text)
-
-
-def _dotted(keys: tuple[object, ...]) -> str:
-    return ".".join(str(key) for key in keys)
-
-
-def interpolate(tree: Any, environ: Mapping[str, str], path: str) -> Any:
-    """Expand environment references in every string value of a parsed YAML tree.
-
-    Keys are never expanded. ``path`` is the config file, for the ConfigError that names the key
-    path of a bad reference; the error never quotes the value, which may be a secret.
-    """
-
-    def walk(node: Any, keys: tuple[object, ...]) -> Any:
-        if isinstance(node, str):
-            try:
-                return _substitute(node, environ)
-            except ValueError as error:
-                raise ConfigError(path, _dotted(keys), str(error)) from None
-        if isinstance(node, dict):
-            return {key: walk(value, (*keys, key)) for key, value in node.items()}
-        if isinstance(node, list):
-            return [walk(value, (*keys, index)) for index, value in enumerate(node)]
-        return node
-
-    return walk(tree, ())
-
-
-# ---------------------------------------------------------------------------------------------
 # Loading
-
-
-def resolve_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Path:
-    """Pick the config file: ``-c/--config``, else ``$CDC_SYNC_CONFIG``, else ``./config.yaml``."""
-    chosen = cli_value or environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_FILE
-    return Path(chosen).expanduser()
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """A safe loader that refuses duplicate keys, which PyYAML would silently let the last win."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:  # unhashable; the base class reports that
-                continue
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """Describe a YAML error by position only: PyYAML's own text quotes the line, maybe a secret."""
-    if not isinstance(error, yaml.MarkedYAMLError):
-        return "not valid YAML"
-    mark = error.problem_mark or error.context_mark
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    problem = error.problem or error.context or "syntax error"
-    return f"not valid YAML{where}: {problem}"
-
-
-def _read_tree(path: Path) -> dict[Any, Any]:
-    """The file's YAML as a mapping, or a ConfigError saying why it is not one."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            str(path),
-            "",
-            "no such file; pass -c/--config, set CDC_SYNC_CONFIG, or create ./config.yaml",
-        ) from None
-    except UnicodeDecodeError:
-        raise ConfigError(str(path), "", "not UTF-8 text") from None
-    except OSError as error:
-        raise ConfigError(str(path), "", f"cannot read: {error.strerror}") from None
-    problem = None
-    try:
-        tree = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
-    except yaml.YAMLError as error:
-        problem = _yaml_problem(error)
-    if problem is not None:  # raised outside the except block so the YAML error is not chained
-        raise ConfigError(str(path), "", problem)
-    if not isinstance(tree, dict):
-        found = "the file is empty" if tree is None else f"found a {type(tree).__name__}"
-        raise ConfigError(
-            str(path),
-            "",
-            f"the top level must be a mapping of keys (source:, engagelab:, ...); {found}",
-        )
-    return tree
 
 
 def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
@@ -763,7 +524,7 @@ def _validation_error(path: Path, error: ValidationError, secret: str | None) ->
     lines = []
     for detail in error.errors(include_url=False):
         loc = tuple(part for part in detail["loc"] if part != "[key]")  # a bad dict key's marker
-        lines.append((_dotted(loc), _hide(_describe(detail, loc, secret), secret)))
+        lines.append((dotted(loc), _hide(_describe(detail, loc, secret), secret)))
     (key, first), rest = lines[0], lines[1:]
     problem = first + "".join(f"\n{path}: {other_key}: {other}" for other_key, other in rest)
     return ConfigError(str(path), key, problem)
@@ -771,7 +532,7 @@ def _validation_error(path: Path, error: ValidationError, secret: str | None) ->
 
 def load_settings(path: Path, environ: Mapping[str, str]) -> Settings:
     """Read, interpolate and validate the config file; any problem is one ConfigError."""
-    tree = interpolate(_read_tree(path), environ, str(path))
+    tree = interpolate(read_tree(path), environ, str(path))
     engagelab = tree.get("engagelab")
     secret = engagelab.get("api_secret") if isinstance(engagelab, dict) else None
     context = {"config_path": path.absolute()}

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import make_url
 
-from cdc_sync.config import format_duration
+from cdc_sync.durations import format_duration
 from cdc_sync.state import Progress, StateStore, describe
 
 if TYPE_CHECKING:

@@ -1,286 +1,24 @@
-"""Tests for cdc_sync.config: durations, interpolation, loading, validation and redaction."""
+"""Tests for cdc_sync.config: validation, defaults, redaction and database URLs."""
 
 from __future__ import annotations
 
-import copy
 import os
 import re
-from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, get_args
 
 import pytest
 import yaml
-from hypothesis import given
-from hypothesis import strategies as st
+from configs import DELETE, ENV, REPO, SECRET, changed, failure, load, minimal
 from pydantic import BaseModel, ValidationError
 
-from cdc_sync.config import (
-    ContactKey,
-    Settings,
-    format_duration,
-    interpolate,
-    load_settings,
-    mask_password,
-    parse_duration,
-    resolve_config_path,
-)
+from cdc_sync.config import ContactKey, Settings, load_settings
+from cdc_sync.configfile import interpolate
+from cdc_sync.dburls import mask_password
 from cdc_sync.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
-SECRET = "Zq9-sekret-value-42"
-ENV = {"ENGAGELAB_API_KEY": "key-1", "ENGAGELAB_API_SECRET": SECRET}
-DELETE = object()
-
-
-def minimal() -> dict[str, Any]:
-    """The smallest valid config tree, with the secret taken from the environment."""
-    return {
-        "name": "users",
-        "source": {
-            "url": "postgresql+psycopg://reader@replica.internal:5432/app",
-            "table": "users",
-            "key": "id",
-            "cursor": "updated_at",
-            "euid": "engagelab_euid",
-        },
-        "contacts": {"email": "email"},
-        "engagelab": {"api_key": "${ENGAGELAB_API_KEY}", "api_secret": "${ENGAGELAB_API_SECRET}"},
-    }
-
-
-def changed(tree: Mapping[str, Any], key: str, value: object) -> dict[str, Any]:
-    """A copy of ``tree`` with the dotted ``key`` set to ``value`` (or removed, for DELETE)."""
-    result = copy.deepcopy(dict(tree))
-    *parents, last = key.split(".")
-    node = result
-    for part in parents:
-        node = node.setdefault(part, {})
-    if value is DELETE:
-        del node[last]
-    else:
-        node[last] = value
-    return result
-
-
-def write(directory: Path, tree: object, name: str = "config.yaml") -> Path:
-    """Write ``tree`` as YAML into ``directory`` and return the file's path."""
-    path = directory / name
-    path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def load(directory: Path, tree: object, environ: Mapping[str, str] = ENV) -> Settings:
-    """Load ``tree`` through a real file, as the daemon would."""
-    return load_settings(write(directory, tree), environ)
-
-
-def failure(directory: Path, tree: object, environ: Mapping[str, str] = ENV) -> ConfigError:
-    """The ConfigError that loading ``tree`` raises."""
-    with pytest.raises(ConfigError) as caught:
-        load(directory, tree, environ)
-    return caught.value
-
-
-# --- durations ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("90s", timedelta(seconds=90)),
-        ("5m", timedelta(minutes=5)),
-        ("1h", timedelta(hours=1)),
-        ("1h30m", timedelta(hours=1, minutes=30)),
-        ("250ms", timedelta(milliseconds=250)),
-        ("2d", timedelta(days=2)),
-        ("1d2h3m4s5ms", timedelta(days=1, hours=2, minutes=3, seconds=4, milliseconds=5)),
-        ("1.5h", timedelta(minutes=90)),
-        ("0s", timedelta(0)),
-        ("  30s ", timedelta(seconds=30)),
-    ],
-)
-def test_parse_duration_reads_units(text: str, expected: timedelta) -> None:
-    """parse_duration reads ms, s, m, h and d, alone or combined largest first."""
-    assert parse_duration(text) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "fragment"),
-    [
-        ("5 minutes", "'5 minutes' is not a duration; write e.g. 30s, 5m, 1h"),
-        ("", "is not a duration"),
-        ("m", "is not a duration"),
-        ("-5s", "is not a duration"),
-        ("5M", "is not a duration"),
-        ("1h 30m", "is not a duration"),
-        ("30m1h", "largest first"),
-        ("5m5m", "largest first"),
-        ("60", "'60' has no unit; write e.g. 60s"),
-        ("99999999999999d", "too long"),
-    ],
-)
-def test_parse_duration_refuses_bad_text(text: str, fragment: str) -> None:
-    """parse_duration refuses anything but unit-suffixed numbers, saying how to write one."""
-    with pytest.raises(ValueError, match=re.escape(fragment)):
-        parse_duration(text)
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (timedelta(0), "0s"),
-        (timedelta(seconds=90), "1m30s"),
-        (timedelta(hours=1), "1h"),
-        (timedelta(days=1, milliseconds=250), "1d250ms"),
-        (timedelta(microseconds=1500), "1.5ms"),
-    ],
-)
-def test_format_duration_writes_config_syntax(value: timedelta, expected: str) -> None:
-    """format_duration writes a timedelta the way a config file would."""
-    assert format_duration(value) == expected
-
-
-@given(st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=10_000)))
-def test_format_duration_round_trips(value: timedelta) -> None:
-    """Every non-negative timedelta survives format_duration then parse_duration unchanged."""
-    assert parse_duration(format_duration(value)) == value
-
-
-# --- interpolation -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("tree", "environ", "expected"),
-    [
-        ("${A}", {"A": "x"}, "x"),
-        ("pre-${A}-post", {"A": "x"}, "pre-x-post"),
-        ("${A}", {"A": ""}, ""),
-        ("${A:-fallback}", {}, "fallback"),
-        ("${A:-fallback}", {"A": ""}, "fallback"),
-        ("${A:-fallback}", {"A": "set"}, "set"),
-        ("${A:-}", {}, ""),
-        ("a$$b", {}, "a$b"),
-        ("$${A}", {"A": "x"}, "${A}"),
-        ("${A}", {"A": "${B}"}, "${B}"),
-        ({"k": ["${A}", {"n": "${A}"}]}, {"A": "x"}, {"k": ["x", {"n": "x"}]}),
-        ({"${A}": "v"}, {"A": "x"}, {"${A}": "v"}),
-        ({"n": 5, "b": True, "z": None, "f": 1.5}, {}, {"n": 5, "b": True, "z": None, "f": 1.5}),
-    ],
-)
-def test_interpolate_expands_string_values(
-    tree: Any, environ: dict[str, str], expected: Any
-) -> None:
-    """interpolate expands ${VAR}, ${VAR:-default} and $$ in string values only, once."""
-    assert interpolate(tree, environ, "c.yaml") == expected
-
-
-@pytest.mark.parametrize(
-    ("tree", "key", "fragment"),
-    [
-        ({"engagelab": {"api_secret": "${NOPE}"}}, "engagelab.api_secret", "NOPE is not set"),
-        ({"a": [{"b": "x"}, {"b": "${NOPE}"}]}, "a.1.b", "environment variable NOPE is not set"),
-        ({"a": "cost $5"}, "a", "write $$ for a literal $"),
-        ({"a": "$NOPE"}, "a", "${NAME}"),
-        ({"a": "${NOPE"}, "a", "${NAME}"),
-        ({"a": "${1X}"}, "a", "${NAME}"),
-        ({"a": "${X:fallback}"}, "a", "${NAME:-default}"),
-    ],
-)
-def test_interpolate_errors_name_the_key_path(tree: Any, key: str, fragment: str) -> None:
-    """A bad or unset reference is a ConfigError naming the file and the key path."""
-    with pytest.raises(ConfigError) as caught:
-        interpolate(tree, {}, "c.yaml")
-
-    assert (caught.value.path, caught.value.key) == ("c.yaml", key)
-    assert fragment in caught.value.problem
-
-
-def test_interpolate_error_does_not_quote_the_value() -> None:
-    """A malformed reference is reported without quoting the value, which may be a secret."""
-    with pytest.raises(ConfigError) as caught:
-        interpolate({"engagelab": {"api_secret": f"{SECRET}$"}}, {}, "c.yaml")
-
-    assert SECRET not in str(caught.value)
-
-
-# --- finding and reading the file --------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("cli_value", "environ", "expected"),
-    [
-        ("/etc/a.yaml", {"CDC_SYNC_CONFIG": "/etc/b.yaml"}, Path("/etc/a.yaml")),
-        (None, {"CDC_SYNC_CONFIG": "/etc/b.yaml"}, Path("/etc/b.yaml")),
-        (None, {"CDC_SYNC_CONFIG": ""}, Path("config.yaml")),
-        (None, {}, Path("config.yaml")),
-    ],
-)
-def test_resolve_config_path_prefers_cli_then_env(
-    cli_value: str | None, environ: dict[str, str], expected: Path
-) -> None:
-    """The config file is -c/--config, else CDC_SYNC_CONFIG, else ./config.yaml."""
-    assert resolve_config_path(cli_value, environ) == expected
-
-
-def test_missing_file_says_how_to_point_at_one(tmp_path: Path) -> None:
-    """A missing file is a ConfigError listing the three ways to name one."""
-    with pytest.raises(ConfigError) as caught:
-        load_settings(tmp_path / "absent.yaml", ENV)
-
-    assert caught.value.key == ""
-    assert "no such file; pass -c/--config, set CDC_SYNC_CONFIG" in str(caught.value)
-
-
-def test_invalid_yaml_reports_line_and_column(tmp_path: Path) -> None:
-    """A YAML syntax error is reported with its line and column but not the line's text."""
-    path = tmp_path / "config.yaml"
-    path.write_text(f"name: users\nengagelab:\n  api_secret: {SECRET}: [\n", encoding="utf-8")
-
-    with pytest.raises(ConfigError) as caught:
-        load_settings(path, ENV)
-
-    assert "not valid YAML at line 3, column" in str(caught.value)
-    assert SECRET not in str(caught.value)
-    assert caught.value.__context__ is None
-
-
-@pytest.mark.parametrize(
-    ("text", "fragment"),
-    [("", "the file is empty"), ("- a\n- b\n", "found a list"), ("just text\n", "found a str")],
-)
-def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, fragment: str) -> None:
-    """A file whose top level is not a mapping is refused as a whole."""
-    path = tmp_path / "config.yaml"
-    path.write_text(text, encoding="utf-8")
-
-    with pytest.raises(ConfigError) as caught:
-        load_settings(path, ENV)
-
-    assert "the top level must be a mapping" in caught.value.problem
-    assert fragment in caught.value.problem
-
-
-def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
-    """A key written twice in one mapping is an error, not a silent override."""
-    path = tmp_path / "config.yaml"
-    path.write_text("name: a\nname: b\n", encoding="utf-8")
-
-    with pytest.raises(ConfigError) as caught:
-        load_settings(path, ENV)
-
-    assert "duplicate key 'name'" in caught.value.problem
-    assert "line 2" in caught.value.problem
-
-
-def test_non_utf8_file_is_refused(tmp_path: Path) -> None:
-    """A file that is not UTF-8 is a ConfigError, not a UnicodeDecodeError."""
-    path = tmp_path / "config.yaml"
-    path.write_bytes(b"name: \xff\n")
-
-    with pytest.raises(ConfigError, match="not UTF-8"):
-        load_settings(path, ENV)
+# --- the shipped and documented configs -------------------------------------------------------
 
 
 def test_shipped_config_loads() -> None:
@@ -673,8 +411,11 @@ def test_a_driver_that_is_not_installed_is_refused(tmp_path: Path) -> None:
     """A URL naming a driver cdc-sync does not ship is a config error naming the module."""
     tree = changed(minimal(), "source.url", "postgresql+psycopg2://r@h/app")
 
-    with pytest.raises(ConfigError, match=r"source\.url: the driver for 'postgresql\+psycopg2' "
-                                          r"is not installed \(psycopg2\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"source\.url: the driver for 'postgresql\+psycopg2' "
+        r"is not installed \(psycopg2\)",
+    ):
         load(tmp_path, tree)
 
 
