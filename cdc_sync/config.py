@@ -14,12 +14,15 @@ traceback. The EngageLab API secret never appears in an error message, a repr or
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -27,6 +30,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     PlainSerializer,
     PlainValidator,
     PrivateAttr,
@@ -36,13 +40,28 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic.fields import FieldInfo
+from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
 from sqlalchemy.engine import make_url
 
 from cdc_sync import dburls
-from cdc_sync.configfile import DEFAULT_CONFIG_FILE, dotted, interpolate, read_tree
+from cdc_sync.configfile import (
+    DEFAULT_CONFIG_FILE,
+    REFERENCE,
+    Document,
+    config_error,
+    dotted,
+    expand,
+    read_document,
+)
 from cdc_sync.dburls import mask_password
-from cdc_sync.durations import DURATION_HINT, format_duration, parse_duration
+from cdc_sync.durations import (
+    DURATION_HINT,
+    DurationTooLong,
+    format_duration,
+    from_seconds,
+    parse_duration,
+)
 from cdc_sync.errors import ConfigError
 from cdc_sync.proxies import Proxy
 
@@ -54,11 +73,14 @@ ApiCodeClass = Literal["transient", "permanent", "fatal"]
 # ---------------------------------------------------------------------------------------------
 # Validation errors and durations
 
-_OWN_ERROR = "cdc_sync_config"  # the error type of our own messages, which quote what they need
+_OWN_ERROR = "cdc_sync_config"  # the error type of our own messages
 
 
 def _invalid(problem: str) -> PydanticCustomError:
-    """A validation error whose message is exactly ``problem`` (our messages quote the input)."""
+    """A validation error whose message is exactly ``problem``.
+
+    Our messages never quote the input: :func:`_describe` adds what was given, when it may.
+    """
     # The problem travels as context, not as the template: a "{" in it must not be formatted.
     return PydanticCustomError(_OWN_ERROR, "{problem}", {"problem": problem})
 
@@ -73,38 +95,85 @@ def _fail_at(model: type[BaseModel], loc: tuple[str | int, ...], problem: str) -
     return ValidationError.from_exception_data(model.__name__, [detail])
 
 
-def _seconds(value: object) -> float:
+Bound = int | float | timedelta
+
+
+def _show_bound(value: Bound) -> str:
+    if isinstance(value, timedelta):
+        return format_duration(value)
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+@dataclass(frozen=True)
+class Between:
+    """The range of a number or duration setting: ``Annotated[Duration, Between(...)]``.
+
+    Every number and duration setting carries one (a test checks it), so a value that passed
+    validation cannot overflow the arithmetic that later uses it (``now + interval``, a
+    statement timeout in milliseconds), and the README states each range. A bound checks only
+    values of its own kind, so ``source.lookback`` (a duration or a count) carries one of each.
+    ``above`` makes the lower bound exclusive.
+    """
+
+    low: Bound
+    high: Bound
+    above: bool = False
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def check(self, value: Any) -> Any:
+        """``value`` if it is of another kind or inside the range; else a validation error."""
+        if isinstance(value, timedelta) != isinstance(self.low, timedelta) or value is None:
+            return value
+        if value < self.low or value > self.high or (self.above and value == self.low):
+            relation = "more than" if self.above else "at least"
+            raise _invalid(
+                f"must be {relation} {_show_bound(self.low)} and at most {_show_bound(self.high)}"
+            )
+        return value
+
+    def __str__(self) -> str:
+        relation = "more than" if self.above else "at least"
+        return f"{relation} {_show_bound(self.low)}, at most {_show_bound(self.high)}"
+
+
+def _seconds(value: object) -> timedelta:
     """Accept a bare YAML number as seconds; booleans are numbers to Python but not to us."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _invalid(f"expected a duration; {DURATION_HINT}")
-    if not math.isfinite(value) or value < 0:
-        raise _invalid(f"{value!r} is not a duration; {DURATION_HINT}")
-    return float(value)
+    if math.isnan(value) or value < 0:
+        raise _invalid(f"not a duration; {DURATION_HINT}")
+    return from_seconds(float(value))
 
 
 def _to_duration(value: object) -> timedelta:
-    """Validate a Duration field: a duration string, a bare number of seconds or a timedelta."""
+    """Validate a Duration field: a duration string, a bare number of seconds or a timedelta.
+
+    A duration too long for a timedelta becomes the longest one, so that the field's
+    :class:`Between` refuses it with the range rather than an overflow.
+    """
     if isinstance(value, timedelta):
         if value < timedelta(0):
             raise _invalid("a duration must not be negative")
         return value
-    if isinstance(value, str):
-        try:
-            return parse_duration(value)
-        except ValueError as error:
-            raise _invalid(str(error)) from None
-    return timedelta(seconds=_seconds(value))
+    try:
+        return parse_duration(value) if isinstance(value, str) else _seconds(value)
+    except DurationTooLong:
+        return timedelta.max
+    except ValueError as error:
+        raise _invalid(str(error)) from None
 
 
 def _to_lookback(value: object) -> timedelta | int:
     """Validate ``source.lookback``: a duration string, or a bare integer in cursor units."""
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise _invalid(f"{value} is negative; the lookback must be 0 or more")
         return value
     if isinstance(value, float):
         raise _invalid(
-            f"{value!r}: a bare number is in cursor units and must be a whole number; "
+            "a bare number is in cursor units and must be a whole number; "
             "for a timestamp cursor write a duration such as 5m"
         )
     return _to_duration(value)
@@ -115,41 +184,11 @@ def _lookback_to_json(value: timedelta | int) -> str | int:
     return format_duration(value) if isinstance(value, timedelta) else value
 
 
-def _at_least(minimum: timedelta, *, inclusive: bool) -> AfterValidator:
-    """A Duration bound; ``inclusive=False`` means strictly longer than ``minimum``."""
-
-    def check(value: timedelta) -> timedelta:
-        if value < minimum or (value == minimum and not inclusive):
-            relation = "at least" if inclusive else "longer than"
-            raise _invalid(
-                f"{format_duration(value)} is too short; it must be {relation} "
-                f"{format_duration(minimum)}"
-            )
-        return value
-
-    return AfterValidator(check)
-
-
-def _at_most(maximum: timedelta) -> AfterValidator:
-    """A Duration's upper bound (inclusive)."""
-
-    def check(value: timedelta) -> timedelta:
-        if value > maximum:
-            raise _invalid(
-                f"{format_duration(value)} is too long; it must be at most "
-                f"{format_duration(maximum)}"
-            )
-        return value
-
-    return AfterValidator(check)
-
-
 Duration = Annotated[
     timedelta,
     PlainValidator(_to_duration),
     PlainSerializer(format_duration, when_used="json"),
 ]
-PositiveDuration = Annotated[Duration, _at_least(timedelta(0), inclusive=False)]
 Lookback = Annotated[
     timedelta | int,
     PlainValidator(_to_lookback),
@@ -184,10 +223,7 @@ def _no_outer_space(value: str) -> str:
 def _secret_ok(value: SecretStr) -> SecretStr:
     """The secret's checks, worded so that they never quote it."""
     raw = value.get_secret_value()
-    if not raw.strip():
-        raise _invalid("must not be empty")
-    if raw != raw.strip():
-        raise _invalid("must not start or end with whitespace (check the variable it comes from)")
+    _no_outer_space(_not_blank(raw))
     return value
 
 
@@ -204,18 +240,36 @@ def _lower(value: object) -> object:
 Number = Annotated[int, BeforeValidator(_reject_bool)]
 Real = Annotated[float, BeforeValidator(_reject_bool)]
 Text = Annotated[str, AfterValidator(_not_blank)]
+# An EngageLab response code: any 32-bit integer (the codes documented are five digits, and -1).
+ApiCode = Annotated[Number, Between(-(2**31), 2**31 - 1)]
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def _check_name(value: str) -> str:
     """The sync name keys rows in a shared tracking database, so keep it short and plain."""
     if not _NAME.fullmatch(value):
-        raise _invalid(f"{value!r} is not a sync name; use 1-64 letters, digits, '_', '.' or '-'")
+        raise _invalid("not a sync name; use 1-64 letters, digits, '_', '.' or '-'")
     return value
 
 
 # ---------------------------------------------------------------------------------------------
-# Database URLs
+# Secrets and database URLs
+
+
+@dataclass(frozen=True)
+class Concealed:
+    """Marks a setting whose input may hold a secret: no message ever shows what was given.
+
+    ``url``: a URL, whose password (userinfo or ``?password=``) is the secret; otherwise the
+    whole value is. :func:`_describe` never echoes such an input, and ``cdc-sync check`` warns
+    when the file itself holds one while others may read it.
+    """
+
+    url: bool = False
+
+
+SECRET = Concealed()
+SECRET_URL = Concealed(url=True)
 
 
 def _database_url(text: str, info: ValidationInfo) -> str:
@@ -243,6 +297,8 @@ def _masked_url_repr(model: BaseModel) -> Iterator[tuple[str | None, Any]]:
 # The models
 
 _MODEL_CONFIG = ConfigDict(frozen=True, extra="forbid")
+_MS, _SECOND, _MINUTE = timedelta(milliseconds=1), timedelta(seconds=1), timedelta(minutes=1)
+_HOUR, _DAY = timedelta(hours=1), timedelta(days=1)
 
 
 class SourceSettings(BaseModel):
@@ -250,17 +306,20 @@ class SourceSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
-    url: str
+    url: Annotated[str, SECRET_URL]
     table: Text
     schema_: Text | None = Field(default=None, alias="schema")
     key: Text
     cursor: Text
     euid: Text
-    batch_size: Number = Field(default=500, ge=1, le=10_000)
+    batch_size: Annotated[Number, Between(1, 10_000)] = 500
     cursor_mode: Annotated[Literal["timestamp", "xid8"], BeforeValidator(_lower)] = "timestamp"
-    lookback: Lookback = timedelta(minutes=5)
-    max_transaction: Duration | None = None
-    statement_timeout: PositiveDuration = timedelta(seconds=30)
+    # A count of cursor units must leave a bigint cursor minus the lookback inside bigint.
+    lookback: Annotated[Lookback, Between(timedelta(0), 30 * _DAY), Between(0, 10**15)] = (
+        5 * _MINUTE
+    )
+    max_transaction: Annotated[Duration, Between(timedelta(0), 30 * _DAY)] | None = None
+    statement_timeout: Annotated[Duration, Between(100 * _MS, _HOUR)] = timedelta(seconds=30)
 
     @field_validator("url")
     @classmethod
@@ -277,8 +336,8 @@ class StateSettings(BaseModel):
     model_config = _MODEL_CONFIG
 
     # validate_default: the default path is relative and must be anchored like a written one.
-    url: str = Field(default=DEFAULT_STATE_URL, validate_default=True)
-    keep_runs: PositiveDuration = timedelta(days=30)
+    url: Annotated[str, SECRET_URL] = Field(default=DEFAULT_STATE_URL, validate_default=True)
+    keep_runs: Annotated[Duration, Between(_HOUR, 3650 * _DAY)] = 30 * _DAY
 
     @field_validator("url")
     @classmethod
@@ -301,9 +360,7 @@ _BASE_URL = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,
 
 def _check_base_url(value: str) -> str:
     if not _BASE_URL.fullmatch(value.strip()):
-        raise _invalid(
-            f"{value!r} is not an http(s) base URL; write e.g. https://ma-api.engagelab.com"
-        )
+        raise _invalid("not an http(s) base URL; write e.g. https://ma-api.engagelab.com")
     return value.strip().rstrip("/")
 
 
@@ -317,13 +374,25 @@ def _proxy_ok(value: SecretStr | None) -> SecretStr | None:
     return value
 
 
-def _rate_limit(value: float | None) -> float | None:
-    """Normalise the rate limit: 0 and null both mean "no limit", stored as None."""
-    if value is None or value == 0:
-        return None
-    if not math.isfinite(value) or value < 0:
-        raise _invalid(f"{value!r} is not a rate; give requests per second, or 0/null for no limit")
-    return value
+def _is_loopback(url: str) -> bool:
+    """Whether a URL's host is this machine: ``localhost``, 127.0.0.0/8 or ``::1``."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address
+        return False
+
+
+def _no_rate_limit(value: object) -> object:
+    """0 (or "0" from a variable) and null both mean "no limit", stored as None."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return value
+    try:
+        return None if float(value) == 0 else value
+    except ValueError:  # not a number; the float validator says so
+        return value
 
 
 class EngageLabSettings(BaseModel):
@@ -331,22 +400,41 @@ class EngageLabSettings(BaseModel):
 
     model_config = _MODEL_CONFIG
 
-    base_url: Annotated[str, AfterValidator(_check_base_url)] = "https://ma-api.engagelab.com"
+    base_url: Annotated[str, SECRET_URL, AfterValidator(_check_base_url)] = (
+        "https://ma-api.engagelab.com"
+    )
+    allow_insecure_http: bool = False
     api_key: Annotated[str, AfterValidator(_not_blank), AfterValidator(_no_outer_space)]
-    api_secret: Annotated[SecretStr, AfterValidator(_secret_ok)]
-    timeout: PositiveDuration = timedelta(seconds=10)
-    max_retry_after: Annotated[Duration, _at_most(timedelta(hours=1))] = timedelta(minutes=5)
-    concurrency: Number = Field(default=8, ge=1, le=256)
-    rate_limit: Annotated[Real | None, AfterValidator(_rate_limit)] = 50.0
+    api_secret: Annotated[SecretStr, SECRET, AfterValidator(_secret_ok)]
+    timeout: Annotated[Duration, Between(100 * _MS, 10 * _MINUTE)] = timedelta(seconds=10)
+    max_retry_after: Annotated[Duration, Between(timedelta(0), _HOUR)] = 5 * _MINUTE
+    concurrency: Annotated[Number, Between(1, 256)] = 8
+    rate_limit: Annotated[
+        Annotated[Real, Between(0.1, 100_000.0)] | None, BeforeValidator(_no_rate_limit)
+    ] = 50.0
     unknown_code: Annotated[Literal["permanent", "transient"], BeforeValidator(_lower)] = (
         "permanent"
     )
-    codes: dict[Number, Annotated[ApiCodeClass, BeforeValidator(_lower)]] = Field(
+    codes: dict[ApiCode, Annotated[ApiCodeClass, BeforeValidator(_lower)]] = Field(
         default_factory=dict
     )
-    rate_limit_codes: tuple[Number, ...] = ()
+    rate_limit_codes: tuple[ApiCode, ...] = ()
     clear_empty: bool = False
-    proxy: Annotated[SecretStr | None, AfterValidator(_proxy_ok)] = None
+    proxy: Annotated[SecretStr | None, SECRET_URL, AfterValidator(_proxy_ok)] = None
+
+    @model_validator(mode="after")
+    def _check_http(self) -> Self:
+        if self.base_url.startswith("http://") and not (
+            self.allow_insecure_http or _is_loopback(self.base_url)
+        ):
+            raise _fail_at(
+                type(self),
+                ("base_url",),
+                "plain http:// to a host other than this machine would send the API key and "
+                "secret unencrypted; use https://, or set engagelab.allow_insecure_http: true "
+                "if the network on the way is yours",
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_codes(self) -> Self:
@@ -371,7 +459,7 @@ class AuditSettings(BaseModel):
     model_config = _MODEL_CONFIG
 
     enabled: bool = False
-    rows_per_cycle: Number = Field(default=10_000, ge=1, le=1_000_000)
+    rows_per_cycle: Annotated[Number, Between(1, 1_000_000)] = 10_000
 
 
 class ScheduleSettings(BaseModel):
@@ -379,9 +467,7 @@ class ScheduleSettings(BaseModel):
 
     model_config = _MODEL_CONFIG
 
-    interval: Annotated[Duration, _at_least(timedelta(seconds=1), inclusive=True)] = timedelta(
-        seconds=60
-    )
+    interval: Annotated[Duration, Between(_SECOND, 7 * _DAY)] = timedelta(seconds=60)
 
 
 class RetrySettings(BaseModel):
@@ -389,9 +475,9 @@ class RetrySettings(BaseModel):
 
     model_config = _MODEL_CONFIG
 
-    base: PositiveDuration = timedelta(seconds=30)
-    max: PositiveDuration = timedelta(hours=1)
-    max_attempts: Number = Field(default=20, ge=1)
+    base: Annotated[Duration, Between(100 * _MS, _DAY)] = timedelta(seconds=30)
+    max: Annotated[Duration, Between(100 * _MS, 30 * _DAY)] = timedelta(hours=1)
+    max_attempts: Annotated[Number, Between(1, 10_000)] = 20
 
     @model_validator(mode="after")
     def _check_max(self) -> Self:
@@ -423,6 +509,14 @@ def _at_least_one_contact(value: dict[ContactKey, str]) -> dict[ContactKey, str]
     return value
 
 
+@dataclass(frozen=True)
+class FileFacts:
+    """What loading saw of the file itself, for ``cdc-sync check``."""
+
+    mode: int  # permission bits
+    literal_secrets: tuple[str, ...]  # dotted keys whose secret is written in the file, not ${VAR}
+
+
 class Settings(BaseModel):
     """Everything one sync needs, validated; built by :func:`load_settings`."""
 
@@ -440,6 +534,7 @@ class Settings(BaseModel):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     _config_path: Path = PrivateAttr(default=Path(DEFAULT_CONFIG_FILE))
+    _file: FileFacts | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_state_is_not_source(self, info: ValidationInfo) -> Self:
@@ -453,12 +548,26 @@ class Settings(BaseModel):
         context = info.context if isinstance(info.context, Mapping) else {}
         if context.get("config_path") is not None:
             self._config_path = Path(context["config_path"])
+        if isinstance(context.get("file"), FileFacts):
+            self._file = context["file"]
         return self
 
     @property
     def config_path(self) -> Path:
         """The file these settings were loaded from (``config.yaml`` when built in code)."""
         return self._config_path
+
+    @property
+    def config_mode(self) -> int | None:
+        """The config file's permission bits (None when built in code)."""
+        return None if self._file is None else self._file.mode
+
+    @property
+    def exposed_secrets(self) -> tuple[str, ...]:
+        """The keys whose secret is written into a file that group or others may read."""
+        if self._file is None or not self._file.mode & 0o077:
+            return ()
+        return self._file.literal_secrets
 
     def redacted(self) -> dict[str, Any]:
         """The settings as plain data for ``cdc-sync check``: no secret, no password."""
@@ -474,72 +583,148 @@ class Settings(BaseModel):
 # ---------------------------------------------------------------------------------------------
 # Loading
 
+_Loc = tuple[int | str, ...]
 
-def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
-    """The settings model found at ``loc``, to list the keys allowed there."""
+
+def _field_at(loc: _Loc) -> tuple[type[BaseModel] | None, FieldInfo | None]:
+    """The settings model holding ``loc``'s last part, and that part's field if it is one.
+
+    ``(None, None)`` when ``loc`` leaves the models (inside a mapping such as ``codes``).
+    """
     model: type[BaseModel] = Settings
-    for part in loc:
+    for index, part in enumerate(loc):
         fields = {field.alias or name: field for name, field in model.model_fields.items()}
-        annotation = fields[part].annotation if part in fields else None
+        field = fields.get(str(part))
+        if index == len(loc) - 1:
+            return model, field
+        annotation = field.annotation if field is not None else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
+            return None, None
         model = annotation
-    return model
+    return None, None
 
 
-def _hide(text: str, secret: str | None) -> str:
-    """Mask URL passwords and the API secret, raw or as repr() escapes it, in text to be shown."""
-    text = mask_password(text)
-    for form in {secret, repr(secret)[1:-1]} if secret else ():
-        text = text.replace(form, "***")
-    return text
+def _holds_secret(model: type[BaseModel]) -> bool:
+    """Whether a mapping has a secret among its keys: then a key it does not know may be one."""
+    return any(SECRET in field.metadata for field in model.model_fields.values())
 
 
-def _describe(detail: Mapping[str, Any], loc: tuple[int | str, ...], secret: str | None) -> str:
+def _concealment(field: FieldInfo | None) -> Concealed | None:
+    """The field's :class:`Concealed` mark, if it has one."""
+    marks = field.metadata if field is not None else []
+    return next((mark for mark in marks if isinstance(mark, Concealed)), None)
+
+
+def _is_hidden_key(loc: _Loc) -> bool:
+    """Whether ``loc`` ends in a key its mapping does not know, beside a secret (never shown)."""
+    model, field = _field_at(loc)
+    return model is not None and field is None and _holds_secret(model)
+
+
+def _where(loc: _Loc, document: Document) -> tuple[str, str]:
+    """The dotted key to name for ``loc``, and, for a key not shown, where it was written.
+
+    A key a secret-holding mapping does not know may be the secret itself, pasted on a line of
+    its own; it is named by its line, never spelt out.
+    """
+    if not loc or not _is_hidden_key(loc):
+        return dotted(loc), ""
+    line = document.line(loc)
+    where = f"the key on line {line}" if line else "a key"
+    return dotted(loc[:-1]), f"{where} (not shown: it may be a misplaced secret): "
+
+
+def _shown_input(value: object, loc: _Loc, written: Mapping[tuple[object, ...], str]) -> str:
+    """`` (got ...)`` for a message, or nothing when the input may not be shown.
+
+    Never for a concealed setting; for a value that took an environment variable, the text the
+    file wrote (``${BATCH}``) rather than the value; and only plain scalars, cut at 80 characters.
+    """
+    if _concealment(_field_at(loc)[1]) is not None or value is None:
+        return ""
+    if loc in written:
+        shown = f"what {written[loc]!r} expands to"
+    elif isinstance(value, str) and dburls.holds_password(value):
+        shown = "a URL with a password, not shown"
+    elif isinstance(value, str | int | float):
+        shown = repr(value)
+    else:
+        return ""  # a mapping or list: too long to quote
+    return f" (got {shown if len(shown) <= 80 else shown[:76] + '...'})"
+
+
+def _describe(
+    detail: Mapping[str, Any], loc: _Loc, written: Mapping[tuple[object, ...], str]
+) -> str:
     """One pydantic error as a sentence for the operator, quoting the input only when safe."""
     kind = detail["type"]
     if kind == "missing":
         return "required key is missing"
     if kind == "extra_forbidden":  # never quote the value: a misspelt api_secret is still secret
-        model = _model_at(loc[:-1])
+        model, _ = _field_at(loc)
         fields = model.model_fields.items() if model else []
         allowed = [field.alias or name for name, field in fields]
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = f"did you mean {close[0]!r}? " if close and not _is_hidden_key(loc) else ""
         return f"unknown key; {hint}allowed keys here: {', '.join(allowed)}"
     message = str(detail["msg"])
     message = message[:1].lower() + message[1:]
-    value = detail.get("input")
-    if kind == _OWN_ERROR or loc[:2] == ("engagelab", "api_secret"):
-        return message
-    if not isinstance(value, str | int | float | type(None)):
-        return message  # a mapping or list: too long to quote, and it may hold the secret
-    # Hide before cutting: a secret or password cut in half would no longer be recognised.
-    shown = repr(_hide(value, secret) if isinstance(value, str) else value)
-    return f"{message} (got {shown if len(shown) <= 80 else shown[:76] + '...'})"
+    return message + _shown_input(detail.get("input"), loc, written)
 
 
-def _validation_error(path: Path, error: ValidationError, secret: str | None) -> ConfigError:
-    """All of pydantic's complaints as one ConfigError: one ``path: key: problem`` line each."""
-    lines = []
-    for detail in error.errors(include_url=False):
-        loc = tuple(part for part in detail["loc"] if part != "[key]")  # a bad dict key's marker
-        lines.append((dotted(loc), _hide(_describe(detail, loc, secret), secret)))
-    (key, first), rest = lines[0], lines[1:]
-    problem = first + "".join(f"\n{path}: {other_key}: {other}" for other_key, other in rest)
-    return ConfigError(str(path), key, problem)
+def _literal_secrets(tree: Mapping[Any, Any]) -> tuple[str, ...]:
+    """The dotted keys of concealed settings whose secret the file writes out, not as ${VAR}."""
+    found = []
+    sections: list[tuple[str, type[BaseModel]]] = [("", Settings), *_sections()]
+    for section, model in sections:
+        node = tree.get(section) if section else tree
+        if not isinstance(node, Mapping):
+            continue
+        for name, field in model.model_fields.items():
+            mark = _concealment(field)
+            value = node.get(field.alias or name)
+            if mark is None or not isinstance(value, str):
+                continue
+            literal = REFERENCE.sub("", value)
+            if dburls.holds_password(literal) if mark.url else literal.strip():
+                found.append(f"{section}.{field.alias or name}".lstrip("."))
+    return tuple(found)
+
+
+def _sections() -> Iterator[tuple[str, type[BaseModel]]]:
+    """Each top-level key whose value is a settings model, with that model."""
+    for name, field in Settings.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield field.alias or name, field.annotation
 
 
 def load_settings(path: Path, environ: Mapping[str, str]) -> Settings:
-    """Read, interpolate and validate the config file; any problem is one ConfigError."""
-    tree = interpolate(read_tree(path), environ, str(path))
-    engagelab = tree.get("engagelab")
-    secret = engagelab.get("api_secret") if isinstance(engagelab, dict) else None
-    context = {"config_path": path.absolute()}
+    """Read, interpolate and validate the config file; every problem in one ConfigError."""
+    document = read_document(path)
+    expanded = expand(document.tree, environ)
+    facts = FileFacts(document.mode, _literal_secrets(document.tree))
+    context = {"config_path": path.absolute(), "file": facts}
+    problems: list[tuple[Any, str]] = list(expanded.problems)
     try:
-        return Settings.model_validate(tree, context=context)
+        settings: Settings | None = Settings.model_validate(expanded.tree, context=context)
     except ValidationError as error:
-        failure = _validation_error(path, error, secret if isinstance(secret, str) else None)
+        settings = None
+        for detail in error.errors(include_url=False):
+            loc = tuple(part for part in detail["loc"] if part != "[key]")  # a bad key's marker
+            # A value already reported (an unset variable) is not reported again as invalid.
+            if not any(loc[: len(keys)] == keys for keys, _ in expanded.problems):
+                problems.append((loc, _describe(detail, loc, expanded.written)))
     # Raised here, outside the except block, so the ValidationError (whose text quotes inputs,
     # the secret among them) is neither the cause nor the context of what the operator sees.
-    raise failure
+    if settings is None or problems:
+        raise _config_error(path, problems, document)
+    return settings
+
+
+def _config_error(path: Path, problems: list[tuple[Any, str]], document: Document) -> ConfigError:
+    """One ConfigError for every problem, each named by its key (or the line of a hidden key)."""
+    lines = []
+    for loc, problem in problems:
+        key, prefix = _where(loc, document)
+        lines.append((key, prefix + problem))
+    return config_error(str(path), lines)

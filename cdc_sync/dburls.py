@@ -8,18 +8,41 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+# Query parameters libpq (and so psycopg) reads as secrets: postgresql://h/db?password=...
+SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
 _URL_HINT = "write e.g. postgresql+psycopg://user@host:5432/db"
 _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
 
 
-def mask_password(text: str) -> str:
-    """Replace the password of every ``scheme://user:password@host`` URL in ``text`` with ***."""
-    return _URL_PASSWORD.sub(r"\1***@", text)
+def mask_password(url: str | URL) -> str:
+    """A database URL as shown to an operator: its password, in userinfo or query, as ``***``.
+
+    Built from the URL's parts, not by searching its text; a text that is no URL is all ``***``.
+    """
+    try:
+        parsed = url if isinstance(url, URL) else make_url(url)
+    except (ArgumentError, ValueError):
+        return "***"
+    hidden = sorted(key for key in parsed.query if key.lower() in SECRET_QUERY_KEYS)
+    shown = parsed.difference_update_query(hidden).render_as_string(hide_password=True)
+    extra = "&".join(f"{key}=***" for key in hidden)
+    return f"{shown}{'&' if '?' in shown else '?'}{extra}" if extra else shown
+
+
+def holds_password(text: str) -> bool:
+    """Whether a URL's text carries a password, in its userinfo or its query."""
+    try:
+        split = urlsplit(text)
+        return bool(split.password) or any(
+            key.lower() in SECRET_QUERY_KEYS and value for key, value in parse_qsl(split.query)
+        )
+    except ValueError:  # e.g. an invalid port or IPv6 literal: no URL, so no password in one
+        return False
 
 
 def is_memory(url: URL) -> bool:

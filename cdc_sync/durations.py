@@ -18,16 +18,25 @@ _UNIT_RANK = {unit: rank for rank, unit in enumerate(_UNITS)}
 DURATION_HINT = "write e.g. 30s, 5m, 1h"
 
 
+class DurationTooLong(ValueError):
+    """A duration longer than a timedelta can hold (about 2.7 million years)."""
+
+
+_MAX_DIGITS = 20  # past this a number is far beyond any timedelta, and int() would be slow
+
+
 def parse_duration(text: str) -> timedelta:
     """Turn ``"90s"``, ``"5m"``, ``"1h30m"`` or ``"250ms"`` into a timedelta.
 
     Units are d, h, m, s and ms, largest first and each at most once; a number may have a decimal
     part (``"1.5h"``). A unitless string is refused: ``"60"`` could mean seconds or minutes, and
-    the file should say which.
+    the file should say which. The ValueError says what is wrong without quoting ``text``, which
+    the caller has (and which may have come from a secret by mistake); :class:`DurationTooLong`
+    when the duration is well formed but longer than any timedelta.
     """
     stripped = text.strip()
     if _BARE_NUMBER.fullmatch(stripped):
-        raise ValueError(f"{text!r} has no unit; write e.g. {stripped}s")
+        raise ValueError("a number without a unit; write e.g. 90s or 5m")
     total, position, last_rank = timedelta(0), 0, -1
     while position < len(stripped):
         part = _DURATION_PART.match(stripped, position)
@@ -35,17 +44,27 @@ def parse_duration(text: str) -> timedelta:
             break
         number, unit = part.groups()
         if _UNIT_RANK[unit] <= last_rank:
-            raise ValueError(
-                f"{text!r} is not a duration; give units largest first, each once, e.g. 1h30m"
-            )
+            raise ValueError("not a duration; give units largest first, each once, e.g. 1h30m")
+        if len(number.partition(".")[0]) > _MAX_DIGITS:
+            raise DurationTooLong("too long a duration")
         try:
             total += _UNITS[unit] * (float(number) if "." in number else int(number))
         except OverflowError:
-            raise ValueError(f"{text!r} is too long a duration") from None
+            raise DurationTooLong("too long a duration") from None
         position, last_rank = part.end(), _UNIT_RANK[unit]
     if not stripped or position < len(stripped):
-        raise ValueError(f"{text!r} is not a duration; {DURATION_HINT}")
+        raise ValueError(f"not a duration; {DURATION_HINT}")
     return total
+
+
+def from_seconds(seconds: float) -> timedelta:
+    """A non-negative finite number of seconds as a timedelta; DurationTooLong past its range."""
+    if seconds >= _LONGEST_SECONDS:
+        raise DurationTooLong("too long a duration")
+    return timedelta(seconds=seconds)
+
+
+_LONGEST_SECONDS = timedelta.max.total_seconds()
 
 
 def format_duration(value: timedelta) -> str:

@@ -45,6 +45,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from cdc_sync.dburls import mask_password
 from cdc_sync.errors import CdcSyncError, StateError, first_line
 
 log = structlog.get_logger("cdc_sync.lock")
@@ -130,7 +131,7 @@ class InstanceLock:
 
     def __init__(self, engine: Engine, sync_name: str) -> None:
         self.sync_name = sync_name
-        self.where = engine.url.render_as_string(hide_password=True)
+        self.where = mask_password(engine.url)
         backend = engine.dialect.name
         if backend == "postgresql":
             self._backend: _Backend = _AdvisoryLock(engine.url, sync_name)
@@ -285,7 +286,7 @@ class _AdvisoryLock:
             self.release()
             raise StateError(
                 f"cannot take the instance lock in "
-                f"{self._engine.url.render_as_string(hide_password=True)}: "
+                f"{mask_password(self._engine.url)}: "
                 f"{first_line(exc)}",
                 "check that the tracking database is up and reachable",
             ) from exc

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import make_url
-
+from cdc_sync.dburls import mask_password
 from cdc_sync.durations import format_duration
 from cdc_sync.state import Progress, StateStore, describe
 
@@ -145,8 +144,11 @@ def render_check(
 ) -> tuple[str, bool]:
     """The report of ``cdc-sync check`` and whether everything needed to run is in place."""
     lookback = settings.source.lookback
-    lines = [
-        f"config     {settings.config_path}: valid",
+    lines = [f"config     {settings.config_path}: valid"]
+    exposure = secret_warning(settings)
+    if exposure:
+        lines.append(f"WARNING    {exposure}")
+    lines += [
         f"source     {facts.url}: reachable",
         f"table      {spec.qualified_table}: columns {', '.join(spec.columns())} present",
     ]
@@ -174,10 +176,10 @@ def render_check(
     ok = current == head
     state_url = settings.state.url
     if ok:
-        lines.append(f"state      {_redact(state_url)}: tracking tables at revision {head}")
+        lines.append(f"state      {mask_password(state_url)}: tracking tables at revision {head}")
     else:
         lines.append(
-            f"state      {_redact(state_url)}: tracking tables at {current or 'nothing'}, "
+            f"state      {mask_password(state_url)}: tracking tables at {current or 'nothing'}, "
             f"need {head}; run `cdc-sync migrate`"
         )
     lines.append(f"engagelab  {settings.engagelab.base_url} (api key {settings.engagelab.api_key})")
@@ -285,5 +287,14 @@ def _duration(value: timedelta | int) -> str:
     return format_duration(value)
 
 
-def _redact(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
+def secret_warning(settings: Settings) -> str | None:
+    """Why the config file's secrets are exposed, or None: a secret written in a file that group
+    or others may read."""
+    exposed = settings.exposed_secrets
+    if not exposed:
+        return None
+    return (
+        f"{settings.config_path} holds {' and '.join(exposed)} as written text and is readable "
+        f"by others (mode {settings.config_mode or 0:04o}); run chmod 600 on it, or write "
+        "${VARIABLE} references and keep the values in an EnvironmentFile= readable by root only"
+    )

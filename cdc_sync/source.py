@@ -49,6 +49,7 @@ from sqlalchemy.exc import DBAPIError, NoSuchTableError, SQLAlchemyError
 from sqlalchemy.sql.expression import Executable
 from sqlalchemy.types import UserDefinedType
 
+from cdc_sync.dburls import mask_password
 from cdc_sync.errors import SourceError, Stopped, first_line
 from cdc_sync.mapping import SourceRow
 from cdc_sync.rules import Position
@@ -747,7 +748,7 @@ class Source:
         )
 
     def _where(self) -> str:
-        return self.engine.url.render_as_string(hide_password=True)
+        return mask_password(self.engine.url)
 
 
 def _with_horizon(

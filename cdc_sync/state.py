@@ -42,6 +42,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.exc import SQLAlchemyError
 
+from cdc_sync.dburls import mask_password
 from cdc_sync.errors import StateError, first_line
 from cdc_sync.models import VERSION_TABLE, UtcDateTime, sync_runs, sync_state, sync_status
 from cdc_sync.redact import clean, storable
@@ -675,7 +676,7 @@ class StateStore:
             ) from exc
 
     def _where(self) -> str:
-        return self.engine.url.render_as_string(hide_password=True)
+        return mask_password(self.engine.url)
 
 
 # The statements of every cycle, built once: SQLAlchemy then skips construction and cache-key

@@ -37,16 +37,17 @@ def test_parse_duration_reads_units(text: str, expected: timedelta) -> None:
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("5 minutes", "'5 minutes' is not a duration; write e.g. 30s, 5m, 1h"),
-        ("", "is not a duration"),
-        ("m", "is not a duration"),
-        ("-5s", "is not a duration"),
-        ("5M", "is not a duration"),
-        ("1h 30m", "is not a duration"),
+        ("5 minutes", "not a duration; write e.g. 30s, 5m, 1h"),
+        ("", "not a duration"),
+        ("m", "not a duration"),
+        ("-5s", "not a duration"),
+        ("5M", "not a duration"),
+        ("1h 30m", "not a duration"),
         ("30m1h", "largest first"),
         ("5m5m", "largest first"),
-        ("60", "'60' has no unit; write e.g. 60s"),
+        ("60", "a number without a unit; write e.g. 90s or 5m"),
         ("99999999999999d", "too long"),
+        ("1" + "0" * 5000 + "s", "too long"),
     ],
 )
 def test_parse_duration_refuses_bad_text(text: str, fragment: str) -> None:
