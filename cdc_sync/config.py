@@ -128,7 +128,8 @@ class Between:
         """``value`` if it is of another kind or inside the range; else a validation error."""
         if isinstance(value, timedelta) != isinstance(self.low, timedelta) or value is None:
             return value
-        if value < self.low or value > self.high or (self.above and value == self.low):
+        inside = (self.low < value if self.above else self.low <= value) and value <= self.high
+        if not inside:  # written so that NaN, which compares false with anything, is outside
             relation = "more than" if self.above else "at least"
             raise _invalid(
                 f"must be {relation} {_show_bound(self.low)} and at most {_show_bound(self.high)}"

@@ -227,6 +227,47 @@ def test_secret_never_appears_in_config_errors(
     assert_no_traceback(result)
 
 
+WORST_CONFIGS = {
+    "alias bomb": "extra:\n  l0: &l0 [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9)),
+    "recursive alias": "extra: &r [*r]\n",
+    "nesting 500 deep": "extra: " + "[" * 500 + "]" * 500 + "\n",
+    "5000-digit integer": "retry:\n  max_attempts: " + "9" * 5000 + "\n",
+    "interval 1e14 s": "schedule:\n  interval: 100000000000000\n",
+    "keep_runs 99999999d": "state:\n  keep_runs: 99999999d\n",
+}
+
+
+@pytest.mark.parametrize("command", ["check", "once"])
+@pytest.mark.parametrize("text", list(WORST_CONFIGS.values()), ids=list(WORST_CONFIGS))
+def test_hostile_config_exits_78_with_one_message(tmp_path: Path, text: str, command: str) -> None:
+    """The worst files of issue 9 end in exit 78 and one line naming the file, no traceback."""
+    config = offline_config(tmp_path)
+    tree = yaml.safe_load(config.read_text())
+    for section in ("schedule", "state", "retry"):
+        if text.startswith(f"{section}:"):
+            del tree[section]
+    config.write_text(yaml.safe_dump(tree, sort_keys=False) + text)
+
+    result = cdc_sync(config, command)  # its timeout guards against a hang
+
+    assert result.returncode == 78, result.stderr
+    assert result.stderr.startswith(f"cdc-sync: {config}: ")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert_no_traceback(result)
+
+
+def test_every_unset_variable_is_reported(tmp_path: Path) -> None:
+    """Each unset variable is named, not only the first one met."""
+    config = offline_config(tmp_path, engagelab={"api_key": "${KEY_A}", "api_secret": "${KEY_B}"})
+
+    result = cdc_sync(config, "check", env=environ(KEY_A=None, KEY_B=None))
+
+    assert result.returncode == 78
+    assert f"{config}: engagelab.api_key: environment variable KEY_A is not set" in result.stderr
+    assert f"{config}: engagelab.api_secret: environment variable KEY_B is not set" in result.stderr
+
+
 # -- setup errors: exit 69, naming the thing and the fix ---------------------------------------
 
 
@@ -336,6 +377,32 @@ def test_check_with_index_says_it_is_present(users: UserDb, tmp_path: Path) -> N
     assert "index      users_updated_at_id_idx on (updated_at, id): present" in result.stdout
     assert "CREATE INDEX" not in result.stdout
     assert SECRET not in result.stdout + result.stderr
+
+
+def test_check_hides_a_query_password_and_warns_who_may_read_it(
+    users: UserDb, tmp_path: Path
+) -> None:
+    """check shows a ?password= as ***, and warns while others may read a file holding secrets."""
+    config = offline_config(tmp_path, source={"url": f"{users.url}?password=hunter22"})
+    config.chmod(0o644)
+    assert cdc_sync(config, "migrate").returncode == 0
+
+    readable = cdc_sync(config, "check")
+    config.chmod(0o600)
+    private = cdc_sync(config, "check")
+
+    assert readable.returncode == 0, readable.stdout + readable.stderr
+    assert "hunter22" not in readable.stdout + readable.stderr
+    assert re.search(r"^source +\S+\?password=\*\*\*: reachable$", readable.stdout, re.M)
+    assert re.search(
+        r"^WARNING +\S+ holds source.url and engagelab.api_secret as written text "
+        r"and is readable by others \(mode 0644\); run chmod 600",
+        readable.stdout,
+        re.M,
+    ), readable.stdout
+    assert private.returncode == 0
+    assert "WARNING" not in private.stdout
+    assert SECRET not in readable.stdout + private.stdout
 
 
 def test_check_before_migrate_fails_saying_run_migrate(users: UserDb, tmp_path: Path) -> None:

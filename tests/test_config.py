@@ -141,6 +141,26 @@ def test_accepted_forms_are_normalised(
     assert read(settings) == expected
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["http://localhost:8080", "http://127.0.0.2:9", "http://[::1]:8080/v", "https://10.1.2.3"],
+)
+def test_plain_http_is_accepted_to_this_machine(tmp_path: Path, url: str) -> None:
+    """Plain http:// is accepted to a loopback host (the emulator, a proxy), https anywhere."""
+    settings = load(tmp_path, changed(minimal(), "engagelab.base_url", url))
+
+    assert settings.engagelab.base_url == url
+
+
+def test_plain_http_elsewhere_needs_allow_insecure_http(tmp_path: Path) -> None:
+    """allow_insecure_http: true accepts plain http:// to another host, as the operator asked."""
+    tree = changed(minimal(), "engagelab.base_url", "http://10.1.2.3:8080")
+
+    settings = load(tmp_path, changed(tree, "engagelab.allow_insecure_http", True))
+
+    assert settings.engagelab.base_url == "http://10.1.2.3:8080"
+
+
 def test_lookback_integer_stays_cursor_units(tmp_path: Path) -> None:
     """A bare integer lookback stays an int (cursor units), not a number of seconds."""
     settings = load(tmp_path, changed(minimal(), "source.lookback", 300))
@@ -201,6 +221,9 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         ("engagelab.base_url", "ftp://x", "engagelab.base_url", "not an http(s) base URL"),
         ("engagelab.base_url", "https://", "engagelab.base_url", "not an http(s) base URL"),
         ("engagelab.base_url", "https://h?x=1", "engagelab.base_url", "not an http(s) base URL"),
+        ("engagelab.base_url", "http://ma-api.engagelab.com", "engagelab.base_url", "plain http"),
+        ("engagelab.base_url", "http://10.1.2.3:8080", "engagelab.base_url", "allow_insecure_http"),
+        ("engagelab.base_url", "http://127.0.0.1.nip.io", "engagelab.base_url", "unencrypted"),
         ("engagelab.api_key", DELETE, "engagelab.api_key", "required key is missing"),
         ("engagelab.api_key", "", "engagelab.api_key", "must not be empty"),
         ("engagelab.api_key", "k\n", "engagelab.api_key", "whitespace"),

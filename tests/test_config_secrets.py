@@ -74,9 +74,7 @@ def message(directory: Path, secret: str) -> str:
     return str(caught.value)
 
 
-@settings(
-    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(secret=secrets)
 def test_no_error_message_depends_on_the_secret(tmp_path: Path, secret: str) -> None:
     """Whatever the secret and wherever it lands, the error text is the one another secret gives."""
@@ -88,9 +86,7 @@ def test_no_error_message_depends_on_the_secret(tmp_path: Path, secret: str) -> 
     assert "Reference-Secret-0" not in reference
 
 
-@settings(
-    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(secret=secrets)
 def test_no_printout_depends_on_the_secret(tmp_path: Path, secret: str) -> None:
     """repr, str and redacted() of valid settings do not change with the secret or passwords."""

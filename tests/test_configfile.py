@@ -61,6 +61,21 @@ def test_interpolate_errors_name_the_key_path(tree: Any, key: str, fragment: str
     assert fragment in caught.value.problem
 
 
+def test_interpolate_reports_every_bad_reference() -> None:
+    """All unset variables and bad references are in the one ConfigError, each at its key."""
+    tree = {"a": "${ONE}", "b": ["x", "${TWO}"], "c": {"d": "$bad", "e": "${SET}"}}
+
+    with pytest.raises(ConfigError) as caught:
+        interpolate(tree, {"SET": "x"}, "c.yaml")
+
+    lines = str(caught.value).splitlines()
+    assert lines == [
+        "c.yaml: a: environment variable ONE is not set",
+        "c.yaml: b.1: environment variable TWO is not set",
+        "c.yaml: c.d: a '$' must start ${NAME} or ${NAME:-default}; write $$ for a literal $",
+    ]
+
+
 def test_interpolate_error_does_not_quote_the_value() -> None:
     """A malformed reference is reported without quoting the value, which may be a secret."""
     with pytest.raises(ConfigError) as caught:
