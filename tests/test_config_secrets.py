@@ -58,6 +58,7 @@ def secret_everywhere(secret: str) -> dict[str, Any]:
     tree["engagelab"][secret] = "pasted as a key"
     tree = changed(tree, "engagelab.timeout", "${SECRET} minutes")
     tree = changed(tree, "engagelab.base_url", f"https://u:{encoded}@ma-api.engagelab.com")
+    tree = changed(tree, "engagelab.proxy", f"https://u:{encoded}@proxy.corp:3128")
     tree = changed(tree, "source.batch_size", "x${SECRET}")
     tree = changed(tree, "source.url", f"postgresql+nodriver://u:{encoded}@replica/app")
     tree = changed(tree, "state.url", f"sqlite://?password={encoded}")
@@ -96,6 +97,7 @@ def test_no_printout_depends_on_the_secret(tmp_path: Path, secret: str) -> None:
         encoded = quote(secret, safe="")
         tree = changed(minimal(), "source.url", f"postgresql://reader:{encoded}@replica/app")
         tree = changed(tree, "state.url", f"postgresql://writer@state-db/cdc?password={encoded}")
+        tree = changed(tree, "engagelab.proxy", f"http://egress:{encoded}@proxy.corp:3128")
         loaded = load_settings(dump(tmp_path, tree), {**ENV, "ENGAGELAB_API_SECRET": secret})
         return [repr(loaded), str(loaded), repr(loaded.engagelab), str(loaded.redacted())]
 
@@ -223,6 +225,8 @@ def test_mask_password(url: str, expected: str) -> None:
         (0o644, "source.url", "postgresql://u:pw@replica/app", ("source.url",)),
         (0o644, "source.url", "postgresql://u:${PW}@replica/app", ()),
         (0o644, "state.url", "postgresql://u@state/cdc?password=pw", ("state.url",)),
+        (0o644, "engagelab.proxy", "http://egress:pw@proxy.corp:3128", ("engagelab.proxy",)),
+        (0o644, "engagelab.proxy", "http://egress:${PW}@proxy.corp:3128", ()),
     ],
 )
 def test_a_literal_secret_in_a_file_others_may_read_is_exposed(
