@@ -31,8 +31,10 @@ def resolve_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Pa
 # A config is a few kilobytes, about four levels deep, and has no use for YAML aliases. Past these
 # bounds a file is refused before anything walks it, so no file can exhaust memory, time or the
 # interpreter's stack: an alias bomb or a self-referencing alias (``&r [*r]``), a file nested
-# hundreds deep, an integer of thousands of digits.
-MAX_FILE_BYTES = 1 << 20
+# hundreds deep, an integer of thousands of digits. The size bound also bounds the time: PyYAML's
+# pure-Python parser (the C one composes nodes recursively, out of our reach) takes seconds for
+# 64 KiB of one-character list items, its worst case.
+MAX_FILE_BYTES = 64 * 1024
 MAX_DEPTH = 20
 MAX_NUMBER_LENGTH = 32
 
