@@ -476,7 +476,8 @@ class RetrySettings(BaseModel):
 
     model_config = _MODEL_CONFIG
 
-    base: Annotated[Duration, Between(100 * _MS, _DAY)] = timedelta(seconds=30)
+    # backoff() doubles base up to 2**32 times before the cap applies: 1h keeps that a timedelta.
+    base: Annotated[Duration, Between(100 * _MS, _HOUR)] = timedelta(seconds=30)
     max: Annotated[Duration, Between(100 * _MS, 30 * _DAY)] = timedelta(hours=1)
     max_attempts: Annotated[Number, Between(1, 10_000)] = 20
 

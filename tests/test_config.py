@@ -247,7 +247,7 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         ("engagelab.rate_limit_codes", [0], "engagelab.rate_limit_codes.0", "code 0 is success"),
         ("schedule.interval", "999ms", "schedule.interval", "must be at least 1s"),
         ("schedule.every", "1m", "schedule.every", "allowed keys here: interval"),
-        ("retry.base", "0s", "retry.base", "at least 100ms and at most 1d"),
+        ("retry.base", "0s", "retry.base", "at least 100ms and at most 1h"),
         ("retry.max", "10s", "retry.max", "10s is shorter than base (30s)"),
         ("retry.max_attempts", 0, "retry.max_attempts", "at least 1 and at most 10000"),
         ("logging.level", "TRACE", "logging.level", "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),

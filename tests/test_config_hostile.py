@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import typing
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from cdc_sync.config import Between, Settings, load_settings
 from cdc_sync.configfile import MAX_DEPTH, MAX_FILE_BYTES
 from cdc_sync.durations import format_duration
 from cdc_sync.errors import ConfigError
+from cdc_sync.rules import Retry, backoff
 
 BASE = yaml.safe_dump(minimal(), sort_keys=False)
 
@@ -71,7 +72,7 @@ HOSTILE = [
         "source.lookback",
         "at most 1000000000000000",
     ),
-    ("retry.base 99999999d", under("retry", "base: 99999999d"), "retry.base", "at most 1d"),
+    ("retry.base 99999999d", under("retry", "base: 99999999d"), "retry.base", "at most 1h"),
     ("retry.max 99999999d", under("retry", "max: 99999999d"), "retry.max", "at most 30d"),
     (
         "max_attempts 1e9",
@@ -269,6 +270,31 @@ def test_readme_states_every_range(section: str, key: str, ranges: list[Between]
     assert row is not None
     for bound in ranges:
         assert f"{show(bound.low)}\u2013{show(bound.high)}" in row.group(1)
+
+
+def test_the_largest_values_keep_the_daemons_arithmetic_in_range(tmp_path: Path) -> None:
+    """With every duration and count at the top of its range, no date or backoff overflows."""
+    tree = minimal()
+    for section, key, _, ranges in ranged_fields():
+        if ranges and section in ("source", "state", "schedule", "retry", "audit"):
+            top = max((b.high for b in ranges), key=lambda high: isinstance(high, timedelta))
+            tree.setdefault(section, {})[key] = (
+                format_duration(top) if isinstance(top, timedelta) else top
+            )
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    loaded = load_settings(path, ENV)
+    policy = Retry(loaded.retry.base, loaded.retry.max, loaded.retry.max_attempts)
+    now = datetime.now(UTC)
+
+    delay = backoff(loaded.retry.max_attempts, policy, jitter=0.999)
+
+    assert loaded.retry.base == timedelta(hours=1)  # the top of its range, as every value here
+    assert now + delay <= now + loaded.retry.max
+    assert now - loaded.state.keep_runs < now + loaded.schedule.interval
+    assert isinstance(loaded.source.lookback, timedelta)
+    assert now - loaded.source.lookback < now
+    assert loaded.source.statement_timeout.total_seconds() * 1000 < 2**31  # PostgreSQL's int
 
 
 # --- fuzzing ----------------------------------------------------------------------------------
