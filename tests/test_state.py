@@ -211,9 +211,16 @@ def test_database_behind_names_the_fix(state_url: str) -> None:
         store.require_schema()
 
 
-def test_unreachable_database_is_a_state_error() -> None:
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://u:hunter2@127.0.0.1:1/state",
+        "postgresql+psycopg://u@127.0.0.1:1/state?password=hunter2",
+    ],
+)
+def test_unreachable_database_is_a_state_error(url: str) -> None:
     """A tracking database that cannot be reached gives a StateError naming it, without password."""
-    store = StateStore(state_engine("postgresql+psycopg://u:hunter2@127.0.0.1:1/state"), "users")
+    store = StateStore(state_engine(url), "users")
 
     with pytest.raises(StateError) as error:
         store.watermark()
