@@ -687,7 +687,8 @@ def _literal_secrets(tree: Mapping[Any, Any]) -> tuple[str, ...]:
             value = node.get(field.alias or name)
             if mark is None or not isinstance(value, str):
                 continue
-            literal = REFERENCE.sub("", value)
+            # What the file itself spells out: the text around references, and their defaults.
+            literal = REFERENCE.sub(lambda ref: ref.group("default") or "", value)
             if dburls.holds_password(literal) if mark.url else literal.strip():
                 found.append(f"{section}.{field.alias or name}".lstrip("."))
     return tuple(found)

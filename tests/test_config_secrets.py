@@ -222,6 +222,7 @@ def test_mask_password(url: str, expected: str) -> None:
         (0o640, "engagelab.api_secret", "literal-secret", ("engagelab.api_secret",)),
         (0o600, "engagelab.api_secret", "literal-secret", ()),
         (0o644, "engagelab.api_secret", "${ENGAGELAB_API_SECRET}", ()),
+        (0o644, "engagelab.api_secret", "${UNSET:-default-secret}", ("engagelab.api_secret",)),
         (0o644, "source.url", "postgresql://u:pw@replica/app", ("source.url",)),
         (0o644, "source.url", "postgresql://u:${PW}@replica/app", ()),
         (0o644, "state.url", "postgresql://u@state/cdc?password=pw", ("state.url",)),
