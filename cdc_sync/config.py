@@ -106,18 +106,17 @@ def _show_bound(value: Bound) -> str:
 
 @dataclass(frozen=True)
 class Between:
-    """The range of a number or duration setting: ``Annotated[Duration, Between(...)]``.
+    """The range of a number or duration setting, both ends included: ``Annotated[Duration,
+    Between(...)]``.
 
     Every number and duration setting carries one (a test checks it), so a value that passed
     validation cannot overflow the arithmetic that later uses it (``now + interval``, a
     statement timeout in milliseconds), and the README states each range. A bound checks only
     values of its own kind, so ``source.lookback`` (a duration or a count) carries one of each.
-    ``above`` makes the lower bound exclusive.
     """
 
     low: Bound
     high: Bound
-    above: bool = False
 
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
@@ -128,17 +127,11 @@ class Between:
         """``value`` if it is of another kind or inside the range; else a validation error."""
         if isinstance(value, timedelta) != isinstance(self.low, timedelta) or value is None:
             return value
-        inside = (self.low < value if self.above else self.low <= value) and value <= self.high
-        if not inside:  # written so that NaN, which compares false with anything, is outside
-            relation = "more than" if self.above else "at least"
+        if not self.low <= value <= self.high:  # so NaN, false against anything, is outside
             raise _invalid(
-                f"must be {relation} {_show_bound(self.low)} and at most {_show_bound(self.high)}"
+                f"must be at least {_show_bound(self.low)} and at most {_show_bound(self.high)}"
             )
         return value
-
-    def __str__(self) -> str:
-        relation = "more than" if self.above else "at least"
-        return f"{relation} {_show_bound(self.low)}, at most {_show_bound(self.high)}"
 
 
 def _seconds(value: object) -> timedelta:
