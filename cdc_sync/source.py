@@ -50,6 +50,7 @@ from sqlalchemy.sql.expression import Executable
 from sqlalchemy.types import UserDefinedType
 
 from cdc_sync.dburls import mask_password
+from cdc_sync.durations import format_duration
 from cdc_sync.errors import SourceError, Stopped, first_line
 from cdc_sync.mapping import SourceRow
 from cdc_sync.rules import Position
@@ -284,8 +285,6 @@ def lookback_problem(
 
 def _written(lookback: timedelta | int) -> str:
     """A lookback as the config file writes it: ``5m``, ``1000``."""
-    from cdc_sync.config import format_duration  # pydantic: loaded by the CLI anyway
-
     return format_duration(lookback) if isinstance(lookback, timedelta) else str(lookback)
 
 
