@@ -6,6 +6,7 @@ The exit statuses are listed once, in :data:`EXIT_STATUSES`, which ``--help`` pr
 from __future__ import annotations
 
 import argparse
+import enum
 import functools
 import gc
 import importlib
@@ -42,14 +43,28 @@ from cdc_sync.source import Source, SourceSpec
 from cdc_sync.state import StateStore
 
 
+class Needs(enum.IntEnum):
+    """What a command needs built from the config, each level including the ones before it."""
+
+    STATE = 1  # the tracking database only
+    SOURCE = 2  # and the source
+    API = 3  # and the EngageLab client
+
+
 @dataclass
 class App:
-    """Everything one sync needs, built from its settings."""
+    """Everything one sync needs, built from its settings: what its command declared it needs."""
 
     settings: Settings
-    source: Source
     state: StateStore
+    needs: Needs
+    _source: Source | None = None
     client: EngageLabClient | None = None
+
+    @property
+    def source(self) -> Source:
+        assert self._source is not None, "a command using the source declares Needs.SOURCE"
+        return self._source
 
     def lookback(self) -> timedelta | int:
         """``source.lookback`` fitted to the cursor column's reflected type (exit 78 if it does
@@ -61,6 +76,7 @@ class App:
             raise ConfigError(str(self.settings.config_path), "source.lookback", str(exc)) from None
 
     def engine(self) -> Engine:
+        assert self.needs is Needs.API, "a command running cycles declares Needs.API"
         s = self.settings
         if self.client is None:
             self.client = build_client(s)
@@ -182,18 +198,18 @@ def build_client(s: Settings) -> EngageLabClient:
 
 
 @contextmanager
-def open_app(settings: Settings) -> Iterator[App]:
-    source_db = source_engine(settings.source.url)
+def open_app(settings: Settings, needs: Needs) -> Iterator[App]:
     state_db = state_engine(settings.state.url)
-    app = App(
-        settings, Source(source_db, source_spec(settings)), StateStore(state_db, settings.name)
-    )
+    app = App(settings, StateStore(state_db, settings.name), needs)
+    if needs >= Needs.SOURCE:
+        app._source = Source(source_engine(settings.source.url), source_spec(settings))
     try:
         yield app
     finally:
         if app.client is not None:
             app.client.close()
-        source_db.dispose()
+        if app._source is not None:
+            app._source.engine.dispose()
         state_db.dispose()
 
 
@@ -262,13 +278,64 @@ def cmd_check(app: App, args: argparse.Namespace) -> int:
     return 0 if ok else 69
 
 
-COMMANDS = {
-    "migrate": (cmd_migrate, "create or upgrade the tracking tables (alembic upgrade head)"),
-    "once": (cmd_once, "run one sync cycle, then exit"),
-    "run": (cmd_run, "run the daemon: a cycle every schedule.interval until SIGTERM"),
-    "status": (cmd_status, "show the watermark, recent runs, counts by status, recent failures"),
-    "check": (cmd_check, "validate the config and the databases; say which index to create"),
-}
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=int, default=10, help="rows per section")
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command of one sync: built from the config, it gets what ``needs`` says."""
+
+    name: str
+    help: str
+    handler: Callable[[App, argparse.Namespace], int]
+    needs: Needs
+    arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A command that reads no config and parses its own arguments: the emulator and the demo,
+    run by :func:`with_emulator`."""
+
+    name: str
+    help: str
+
+
+COMMANDS: tuple[Command | Tool, ...] = (
+    Command(
+        "migrate",
+        "create or upgrade the tracking tables (alembic upgrade head)",
+        cmd_migrate,
+        Needs.STATE,
+    ),
+    Command("once", "run one sync cycle, then exit", cmd_once, Needs.API),
+    Command(
+        "run",
+        "run the daemon: a cycle every schedule.interval until SIGTERM",
+        cmd_run,
+        Needs.API,
+    ),
+    Command(
+        "status",
+        "show the watermark, recent runs, counts by status, recent failures",
+        cmd_status,
+        Needs.STATE,
+        _status_arguments,
+    ),
+    Command(
+        "check",
+        "validate the config and the databases; say which index to create",
+        cmd_check,
+        Needs.SOURCE,
+    ),
+    Tool("emulator", "run the EngageLab emulator (for tests and demos)"),
+    Tool("demo", "run the demo on embedded defaults"),
+)
 
 
 DESCRIPTION = "Keeps EngageLab contact information in step with an application's user table."
@@ -303,14 +370,13 @@ def parser() -> argparse.ArgumentParser:
         "-c", "--config", help="config file (default: $CDC_SYNC_CONFIG or ./config.yaml)"
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, text) in COMMANDS.items():
-        command = sub.add_parser(name, help=text, description=text)
-        if name == "status":
-            command.add_argument("--limit", type=int, default=10, help="rows per section")
-    sub.add_parser(
-        "emulator", help="run the EngageLab emulator (for tests and demos)", add_help=False
-    )
-    sub.add_parser("demo", help="run the demo on embedded defaults", add_help=False)
+    for command in COMMANDS:
+        if isinstance(command, Tool):  # its own parser reads the rest, --help included
+            own = sub.add_parser(command.name, help=command.help, add_help=False)
+        else:
+            own = sub.add_parser(command.name, help=command.help, description=command.help)
+            command.arguments(own)
+        own.set_defaults(run=command)
     return p
 
 
@@ -357,16 +423,18 @@ def quiet_on_broken_pipe(command: Callable[..., int]) -> Callable[..., int]:
 
 @quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("emulator", "demo"):  # they take their own arguments
-        return with_emulator(argv[0], argv[1:])
-    args = parser().parse_args(argv)
+    p = parser()
+    args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    command: Command | Tool = args.run
+    if isinstance(command, Tool):
+        return with_emulator(command.name, rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         settings = load_settings(resolve_config_path(args.config, os.environ), os.environ)
         logs.configure(settings.logging.level, settings.logging.format)
-        handler = COMMANDS[args.command][0]
-        with open_app(settings) as app:
-            return handler(app, args)
+        with open_app(settings, command.needs) as app:
+            return command.handler(app, args)
     except CdcSyncError as exc:
         print(f"cdc-sync: {exc}", file=sys.stderr)
         return exc.exit_code
