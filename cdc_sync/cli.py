@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import structlog
 from sqlalchemy import Engine as SqlEngine
 from sqlalchemy import create_engine, event, make_url
 
@@ -36,10 +37,11 @@ from cdc_sync.errors import (
     SetupError,
 )
 from cdc_sync.lock import EX_TEMPFAIL, InstanceLock
+from cdc_sync.notify import Notifier
 from cdc_sync.proxies import Proxies
-from cdc_sync.report import render_check, render_status
+from cdc_sync.report import cycle_line, render_check, render_status
 from cdc_sync.rules import Retry
-from cdc_sync.source import Source, SourceSpec
+from cdc_sync.source import READ_ATTEMPTS, Source, SourceSpec
 from cdc_sync.state import StateStore
 
 
@@ -49,6 +51,9 @@ class Needs(enum.IntEnum):
     STATE = 1  # the tracking database only
     SOURCE = 2  # and the source
     API = 3  # and the EngageLab client
+
+
+log = structlog.get_logger("cdc_sync.cli")
 
 
 @dataclass
@@ -75,7 +80,7 @@ class App:
         except ValueError as exc:
             raise ConfigError(str(self.settings.config_path), "source.lookback", str(exc)) from None
 
-    def engine(self) -> Engine:
+    def engine(self, progress: Callable[[], None] = lambda: None) -> Engine:
         assert self.needs is Needs.API, "a command running cycles declares Needs.API"
         s = self.settings
         if self.client is None:
@@ -91,7 +96,7 @@ class App:
             clear=s.engagelab.clear_empty,
             keep_runs=s.state.keep_runs,
         )
-        return Engine(knobs, self.source, self.state, self.client)
+        return Engine(knobs, self.source, self.state, self.client, progress=progress)
 
 
 # No pre-ping: it costs a round trip per checkout, an idle poll's largest cost. A connection
@@ -244,12 +249,7 @@ def cmd_once(app: App, args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     with InstanceLock(app.state.engine, app.settings.name):
         report = app.engine().run_cycle(stop)
-    c = report.counts
-    print(
-        f"cycle {report.run_id} {report.outcome}: read {c.rows_read}, pushed {c.pushed}, "
-        f"unchanged {c.unchanged}, retrying {c.retrying}, deferred {c.deferred}, "
-        f"failed {c.failed}, skipped {c.skipped}"
-    )
+    print(cycle_line(report))
     return 0
 
 
@@ -257,8 +257,35 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
     ready(app)
     from cdc_sync.scheduler import Daemon  # APScheduler is only needed here
 
+    notifier = Notifier(os.environ)
+    bound = page_bound(app.settings)
+    watchdog = notifier.watchdog_seconds
+    if watchdog is not None and watchdog < bound:
+        log.warning(
+            "watchdog_shorter_than_a_page",
+            watchdog_s=watchdog,
+            page_bound_s=bound,
+            fix="raise WatchdogSec in the unit, or lower source.batch_size",
+        )
     lock = InstanceLock(app.state.engine, app.settings.name)
-    return Daemon(app.engine(), app.settings.schedule.interval, lock).run()
+    engine = app.engine(progress=notifier.watchdog)
+    daemon = Daemon(engine, app.settings.schedule.interval, lock, notifier, cycle_line)
+    try:
+        return daemon.run()
+    finally:
+        notifier.close()
+
+
+def page_bound(s: Settings) -> float:
+    """Seconds one page may take at most, on the settings alone: between two pages the daemon
+    pings the watchdog, so WatchdogSec must exceed this. A page is read in one statement (tried
+    up to READ_ATTEMPTS times on a fresh connection when a replica throws it out, each try
+    bounded by statement_timeout, the backoffs between them under 5 s), its pushes are paced by
+    the rate limit, the slowest request ends at the request timeout, and the commit follows."""
+    read = READ_ATTEMPTS * s.source.statement_timeout.total_seconds() + 5.0
+    rate = s.engagelab.rate_limit
+    push = s.source.batch_size / rate if rate else 0.0
+    return read + push + s.engagelab.timeout.total_seconds()
 
 
 def cmd_status(app: App, args: argparse.Namespace) -> int:
@@ -430,13 +457,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return with_emulator(command.name, rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    journal = logs.to_journal(os.environ, sys.stderr)
     try:
         settings = load_settings(resolve_config_path(args.config, os.environ), os.environ)
-        logs.configure(settings.logging.level, settings.logging.format)
+        logs.configure(settings.logging.level, settings.logging.format, journal=journal)
         with open_app(settings, command.needs) as app:
             return command.handler(app, args)
     except CdcSyncError as exc:
-        print(f"cdc-sync: {exc}", file=sys.stderr)
+        prefix = logs.priority_prefix("error") if journal else ""
+        for line in f"cdc-sync: {exc}".splitlines():
+            print(prefix + line, file=sys.stderr)
         return exc.exit_code
 
 

@@ -130,6 +130,7 @@ class Engine:
         *,
         clock: Callable[[], datetime] = utcnow,
         jitter: Callable[[], float] = random.random,
+        progress: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.source = source
@@ -137,6 +138,7 @@ class Engine:
         self.pusher = pusher
         self.clock = clock
         self.jitter = jitter
+        self.progress = progress  # called as each page lands: the daemon's watchdog
         self._started = False
         self._pruned: datetime | None = None
         # Kept between cycles so an idle poll need not ask: while this instance holds the lock
@@ -446,6 +448,7 @@ class _Cycle:
         moved = watermark if watermark != self.watermark else None
         e.state.commit_page(updates, moved, batch.now, self.horizon.seen)
         self.watermark = watermark
+        e.progress()
         log.info(
             "page_recorded",
             sync=e.settings.name,
@@ -496,6 +499,7 @@ class _Cycle:
             out = [(m.key, m.euid) for m in mapped if missed(m, records.get(m.key))]
             now = e.clock()
             e.state.requeue([k for k, _ in out], [euid for _, euid in out], now, after)
+            e.progress()
             if out:
                 e.note_retry(now)
             self.tally["audit_checked"] += len(judged)

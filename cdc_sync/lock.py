@@ -35,6 +35,7 @@ import hashlib
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -86,9 +87,7 @@ class LockBusy(CdcSyncError):
         self.where = where
         self.holder = holder
         held_by = f" (held by {holder})" if holder else ""
-        super().__init__(
-            f"another instance of sync {sync_name} holds the lock in {where}{held_by}"
-        )
+        super().__init__(f"another instance of sync {sync_name} holds the lock in {where}{held_by}")
 
 
 def advisory_key(sync_name: str) -> int:
@@ -163,11 +162,15 @@ class InstanceLock:
             log.info("lock_acquired", sync=self.sync_name, lock=self.describe, holder=whoami())
         return self._held
 
-    def acquire(self, stop: threading.Event, poll: float) -> bool:
+    def acquire(
+        self, stop: threading.Event, poll: float, attempted: Callable[[], None] = lambda: None
+    ) -> bool:
         """Wait for the lock, trying every ``poll`` seconds: True once held, False if ``stop`` is
-        set first. An attempt that fails (database down) is logged and tried again."""
+        set first. An attempt that fails (database down) is logged and tried again. Before each
+        attempt ``attempted`` is called (the daemon's watchdog: waiting is progress)."""
         waiting = False
         while not stop.is_set():
+            attempted()
             try:
                 if self.try_acquire():
                     return True

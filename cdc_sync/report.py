@@ -12,6 +12,7 @@ from cdc_sync.state import Progress, StateStore, describe
 
 if TYPE_CHECKING:
     from cdc_sync.config import Settings
+    from cdc_sync.engine import CycleReport
     from cdc_sync.source import IndexAdvice, SourceFacts, SourceSpec
 
 
@@ -33,6 +34,16 @@ def _cell(value: Any) -> str:
         return value.strftime("%Y-%m-%d %H:%M:%S")
     text = str(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def cycle_line(report: CycleReport) -> str:
+    """One line for a cycle: what ``once`` prints and the daemon's systemd STATUS."""
+    c = report.counts
+    return (
+        f"cycle {report.run_id} {report.outcome}: read {c.rows_read}, pushed {c.pushed}, "
+        f"unchanged {c.unchanged}, retrying {c.retrying}, deferred {c.deferred}, "
+        f"failed {c.failed}, skipped {c.skipped}"
+    )
 
 
 def render_status(name: str, state: StateStore, progress: Progress, *, limit: int = 10) -> str:

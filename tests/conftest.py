@@ -37,8 +37,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.postgres)
 
 
-def _unavailable(error: Exception, what: str = "PostgreSQL test server") -> NoReturn:
-    """Skip a test that needs a server that cannot start; under CI, fail it instead."""
+def _unavailable(error: Exception | str, what: str = "PostgreSQL test server") -> NoReturn:
+    """Skip a test that needs a server or a tool that is missing; under CI, fail it instead."""
     reason = f"{what} unavailable: {error}"
     if os.environ.get("CI", "").lower() in {"true", "1"}:
         pytest.fail(reason, pytrace=False)
@@ -100,6 +100,15 @@ def standby_pair() -> Iterator[tuple[PostgresServer, PostgresServer]]:
         except (OSError, subprocess.SubprocessError, RuntimeError) as error:
             _unavailable(error)
         yield primary, standby
+
+
+@pytest.fixture(scope="session")
+def systemd_analyze() -> str:
+    """The path of ``systemd-analyze`` (Debian's ``systemd`` package; ``.ci/run`` installs it)."""
+    found = shutil.which("systemd-analyze")
+    if found is None:
+        _unavailable("not on PATH; install Debian's systemd package", "systemd-analyze")
+    return found
 
 
 @pytest.fixture

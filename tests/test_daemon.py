@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,12 +38,13 @@ def cdc_sync(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextmanager
-def daemon(config: Path, command: str = "run") -> Iterator[subprocess.Popen[str]]:
-    """``cdc-sync run`` (or another command) in a child process, its output in files beside the
-    config; killed if the test leaves it running."""
+def daemon(config: Path, command: str = "run",
+           env: Mapping[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    """``cdc-sync run`` (or another command) in a child process (this environment plus ``env``),
+    its output in files beside the config; killed if the test leaves it running."""
     with (config.parent / "run.out").open("w") as out, (config.parent / "run.err").open("w") as err:
         process = subprocess.Popen(cdc_sync_args(config, command), stdout=out, stderr=err,
-                                   text=True, env=dict(os.environ), cwd=config.parent)
+                                   text=True, env={**os.environ, **(env or {})}, cwd=config.parent)
         try:
             yield process
         finally:

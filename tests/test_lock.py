@@ -278,7 +278,9 @@ class FakeLock:
     waiting: threading.Event = field(default_factory=threading.Event)
     grant: bool = True
 
-    def acquire(self, stop: threading.Event, poll: float) -> bool:
+    def acquire(
+        self, stop: threading.Event, poll: float, attempted: Callable[[], None] = lambda: None
+    ) -> bool:
         self.waiting.set()
         while not self.grant:
             if stop.wait(poll):
