@@ -290,7 +290,7 @@ def page_bound(s: Settings) -> float:
 
 def cmd_status(app: App, args: argparse.Namespace) -> int:
     app.state.require_schema()
-    print(render_status(app.settings.name, app.state, app.state.progress(), limit=args.limit))
+    print(render_status(app.state.status_view(args.limit)))
     return 0
 
 

@@ -1,4 +1,7 @@
-"""Plain-text views for operators: ``cdc-sync status`` and ``cdc-sync check`` (pure formatting)."""
+"""Plain-text views for operators: ``cdc-sync status`` and ``check``, and a cycle's summary line.
+
+Pure formatting: each view is a function of the values the state store and the source return.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdc_sync.dburls import mask_password
 from cdc_sync.durations import format_duration
-from cdc_sync.state import Progress, StateStore, describe
+from cdc_sync.state import Progress, StatusView, describe
 
 if TYPE_CHECKING:
     from cdc_sync.config import Settings
@@ -46,17 +49,15 @@ def cycle_line(report: CycleReport) -> str:
     )
 
 
-def render_status(name: str, state: StateStore, progress: Progress, *, limit: int = 10) -> str:
-    counts = state.counts_by_status()
+def render_status(view: StatusView) -> str:
+    counts = view.counts
     by_status = ", ".join(
         f"{k} {counts.get(k, 0)}" for k in ("synced", "retrying", "failed", "skipped")
     )
-    runs = state.recent_runs(limit)
-    problems = state.recent_problems(limit)
     parts = [
-        f"sync {name}",
-        f"  watermark: {describe(progress.watermark) or 'none (the next cycle reads everything)'}",
-        *progress_lines(progress),
+        f"sync {view.name}",
+        f"  watermark: {describe(view.progress.watermark) or 'none (the next cycle reads all)'}",
+        *progress_lines(view.progress),
         f"  users: {by_status} (total {sum(counts.values())})",
         "",
         "recent runs (newest first)",
@@ -78,21 +79,21 @@ def render_status(name: str, state: StateStore, progress: Progress, *, limit: in
             ],
             [
                 [
-                    r["id"],
-                    r["started_at"],
-                    r["outcome"],
-                    r["rows_read"],
-                    r["pushed"],
-                    r["unchanged"],
-                    r["retrying"],
-                    r["deferred"],
-                    r["failed"],
-                    r["skipped"],
-                    r["audit_misses"],
-                    _lag(r["replica_lag_s"]),
-                    r["error"],
+                    r.id,
+                    r.started_at,
+                    r.outcome,
+                    r.counts.rows_read,
+                    r.counts.pushed,
+                    r.counts.unchanged,
+                    r.counts.retrying,
+                    r.counts.deferred,
+                    r.counts.failed,
+                    r.counts.skipped,
+                    r.counts.audit_misses,
+                    _lag(r.replica_lag_s),
+                    r.error,
                 ]
-                for r in runs
+                for r in view.runs
             ],
         ),
         "",
@@ -110,19 +111,19 @@ def render_status(name: str, state: StateStore, progress: Progress, *, limit: in
             ],
             [
                 [
-                    p["source_key"],
-                    p["euid"],
-                    p["status"],
-                    p["attempts"],
-                    p["last_code"],
-                    p["last_message"],
-                    p["last_attempt_at"],
-                    p["next_attempt_at"],
+                    p.source_key,
+                    p.euid,
+                    p.status,
+                    p.attempts,
+                    p.last_code,
+                    p.last_message,
+                    p.last_attempt_at,
+                    p.next_attempt_at,
                 ]
-                for p in problems
+                for p in view.problems
             ],
         )
-        if problems
+        if view.problems
         else "  none",
     ]
     return "\n".join(parts)

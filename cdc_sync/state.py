@@ -182,6 +182,74 @@ class RunCounts:
         return {name: getattr(self, name) for name in self.names()}
 
 
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    """One cycle in the run history (``cdc_sync_runs``)."""
+
+    id: int
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str
+    counts: RunCounts
+    replica_lag_s: float | None
+    watermark_before: str | None
+    watermark_after: str | None
+    error: str | None
+
+    @classmethod
+    def of(cls, row: Any) -> RunRow:
+        m = row._mapping
+        counts = RunCounts(**{name: m[name] for name in RunCounts.names()})
+        return cls(
+            m["id"],
+            m["started_at"],
+            m["finished_at"],
+            m["outcome"],
+            counts,
+            m["replica_lag_s"],
+            m["watermark_before"],
+            m["watermark_after"],
+            m["error"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UserStatus:
+    """One user's row in ``cdc_sync_status``: what reached EngageLab, when, and why not."""
+
+    source_key: str
+    euid: int | None
+    status: Status
+    pushed_hash: str | None
+    attempted_hash: str | None
+    attempts: int
+    last_code: int | None
+    last_message: str | None
+    first_seen_at: datetime
+    last_attempt_at: datetime | None
+    last_success_at: datetime | None
+    next_attempt_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: Any) -> UserStatus:
+        m = dict(row._mapping)
+        del m["sync_name"]
+        m["status"] = Status(m["status"])
+        return cls(**m)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusView:
+    """What ``cdc-sync status`` shows: read in one go, formatted by :mod:`cdc_sync.report`."""
+
+    name: str
+    progress: Progress  # the watermark and where each reader stands
+    counts: dict[str, int]  # users by status
+    runs: list[RunRow]  # newest first
+    problems: list[UserStatus]  # failed, then retrying, then skipped; newest first
+
+
 class StateStore:
     """The tracking tables of one sync (``sync_name``) in the state database."""
 
@@ -606,7 +674,7 @@ class StateStore:
         with self._connect() as connection:
             return {status: count for status, count in connection.execute(query)}
 
-    def recent_runs(self, limit: int = 10) -> list[dict[str, Any]]:
+    def recent_runs(self, limit: int = 10) -> list[RunRow]:
         query = (
             select(sync_runs)
             .where(sync_runs.c.sync_name == self.sync_name)
@@ -614,38 +682,38 @@ class StateStore:
             .limit(limit)
         )
         with self._connect() as connection:
-            return [dict(row._mapping) for row in connection.execute(query)]
+            return [RunRow.of(row) for row in connection.execute(query)]
 
-    def recent_problems(self, limit: int = 10) -> list[dict[str, Any]]:
+    def recent_problems(self, limit: int = 10) -> list[UserStatus]:
         """Users that did not reach EngageLab, most recent first: failed, retrying, skipped."""
         c = sync_status.c
         rank = case({"failed": 0, "retrying": 1, "skipped": 2}, value=c.status)
         query = (
-            select(
-                c.source_key,
-                c.euid,
-                c.status,
-                c.attempts,
-                c.last_code,
-                c.last_message,
-                c.last_attempt_at,
-                c.next_attempt_at,
-                c.updated_at,
-            )
+            select(sync_status)
             .where(c.sync_name == self.sync_name, c.status != Status.SYNCED.value)
             .order_by(rank, c.updated_at.desc(), c.source_key)
             .limit(limit)
         )
         with self._connect() as connection:
-            return [dict(row._mapping) for row in connection.execute(query)]
+            return [UserStatus.of(row) for row in connection.execute(query)]
 
-    def status_of(self, key: str) -> dict[str, Any] | None:
+    def status_of(self, key: str) -> UserStatus | None:
         c = sync_status.c
         with self._connect() as connection:
             row = connection.execute(
                 select(sync_status).where(c.sync_name == self.sync_name, c.source_key == key)
             ).first()
-        return dict(row._mapping) if row else None
+        return UserStatus.of(row) if row else None
+
+    def status_view(self, limit: int = 10) -> StatusView:
+        """Everything ``status`` shows, ``limit`` rows per list."""
+        return StatusView(
+            self.sync_name,
+            self.progress(),
+            self.counts_by_status(),
+            self.recent_runs(limit),
+            self.recent_problems(limit),
+        )
 
     # -- plumbing -------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from cdc_sync.engagelab import EngageLabClient
 from cdc_sync.engine import CycleReport, Engine, EngineSettings
 from cdc_sync.rules import Retry
 from cdc_sync.source import Source, SourceSpec
-from cdc_sync.state import StateStore
+from cdc_sync.state import StateStore, UserStatus
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
@@ -98,7 +98,7 @@ class World:
     def requests(self) -> int:
         return int(self.emulator.stats()["requests"])
 
-    def status(self, user_id: int) -> dict[str, Any]:
+    def status(self, user_id: int) -> UserStatus:
         found = self.state.status_of(str(user_id))
         assert found is not None, f"user {user_id} has no status row"
         return found

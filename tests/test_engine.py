@@ -40,10 +40,10 @@ def test_first_cycle_pushes_every_user_with_contacts(world: World) -> None:
     assert world.emulator.contacts == world.users.expected_contacts()
     assert all(len(world.emulator.received(1000 + i)) == 1 for i in range(1, 26))
     assert (report.outcome, report.counts.pushed, report.counts.skipped) == ("ok", 25, 3)
-    assert world.status(26)["last_message"] == "euid is empty"
-    assert world.status(27)["last_message"] == "euid -5 is not positive"
-    assert world.status(28)["last_message"] == "no contact values"
-    assert world.status(1)["status"] == "synced"
+    assert world.status(26).last_message == "euid is empty"
+    assert world.status(27).last_message == "euid -5 is not positive"
+    assert world.status(28).last_message == "no contact values"
+    assert world.status(1).status == "synced"
 
 
 def test_second_cycle_makes_no_call(world: World) -> None:
@@ -129,8 +129,8 @@ def test_transient_failure_is_retried_later_and_does_not_hold_the_watermark(worl
     assert report.counts.retrying == 1 and report.counts.pushed == 9
     assert report.watermark_after is not None and report.watermark_after.key == 10
     status = world.status(3)
-    assert (status["status"], status["attempts"], status["last_code"]) == ("retrying", 1, -1)
-    assert status["next_attempt_at"] == world.clock.now + timedelta(seconds=15)
+    assert (status.status, status.attempts, status.last_code) == ("retrying", 1, -1)
+    assert status.next_attempt_at == world.clock.now + timedelta(seconds=15)
 
 
 def test_pending_retry_is_deferred_until_due(world: World) -> None:
@@ -160,7 +160,7 @@ def test_due_retry_sends_the_current_row(world: World) -> None:
     world.cycle()
 
     assert world.emulator.received(1002) == [{"email": "current@example.com"}]
-    assert world.status(2)["status"] == "synced"
+    assert world.status(2).status == "synced"
 
 
 def test_newer_change_supersedes_a_pending_retry(world: World) -> None:
@@ -174,7 +174,7 @@ def test_newer_change_supersedes_a_pending_retry(world: World) -> None:
     world.cycle()
 
     assert world.emulator.received(1002) == [{"email": "newer@example.com"}]
-    assert (world.status(2)["status"], world.status(2)["attempts"]) == ("synced", 0)
+    assert (world.status(2).status, world.status(2).attempts) == ("synced", 0)
 
 
 def test_retry_of_a_deleted_row_is_recorded_as_skipped(world: World) -> None:
@@ -190,7 +190,7 @@ def test_retry_of_a_deleted_row_is_recorded_as_skipped(world: World) -> None:
     world.cycle()
 
     status = world.status(2)
-    assert (status["status"], status["last_message"]) == ("skipped", "row no longer in the source")
+    assert (status.status, status.last_message) == ("skipped", "row no longer in the source")
 
 
 def test_permanent_failure_waits_for_the_row_to_change(world: World) -> None:
@@ -207,7 +207,7 @@ def test_permanent_failure_waits_for_the_row_to_change(world: World) -> None:
     world.users.change(1, email="fixed@example.com")
     world.cycle()
 
-    assert (world.status(1)["status"], world.status(1)["last_code"]) == ("synced", 0)
+    assert (world.status(1).status, world.status(1).last_code) == ("synced", 0)
     assert unchanged == before
     assert world.requests() == before + 1
 
@@ -241,8 +241,8 @@ def test_too_many_transient_failures_mark_the_user_failed(world: World) -> None:
         world.clock.now += timedelta(hours=1)
 
     status = world.status(1)
-    assert (status["status"], status["attempts"]) == ("failed", 5)
-    assert status["last_message"].startswith("gave up after 5 attempts")
+    assert (status.status, status.attempts) == ("failed", 5)
+    assert status.last_message.startswith("gave up after 5 attempts")
 
 
 def test_one_bad_row_never_stops_the_others(world: World) -> None:
@@ -266,10 +266,10 @@ def test_run_history_records_each_cycle(world: World) -> None:
     world.cycle()
 
     runs = world.state.recent_runs()
-    assert [r["outcome"] for r in runs] == ["ok", "ok"]
-    assert [r["pushed"] for r in runs] == [0, 5]
-    assert runs[1]["watermark_before"] is None and runs[0]["watermark_before"] is not None
-    assert all(r["finished_at"] is not None for r in runs)
+    assert [r.outcome for r in runs] == ["ok", "ok"]
+    assert [r.counts.pushed for r in runs] == [0, 5]
+    assert runs[1].watermark_before is None and runs[0].watermark_before is not None
+    assert all(r.finished_at is not None for r in runs)
 
 
 def test_clear_empty_empties_a_contact_in_engagelab(world: World) -> None:
@@ -292,7 +292,7 @@ def test_clear_empty_empties_a_contact_in_engagelab(world: World) -> None:
         "landline_phone": "",
         "whatsapp_phone": "",
     }
-    assert world.status(2)["status"] == "skipped"
+    assert world.status(2).status == "skipped"
     assert world.emulator.contacts[1003] == {"email": "user3@example.com", "mobile_phone": "+8190"}
 
 
@@ -314,7 +314,7 @@ def test_a_new_process_closes_the_run_a_killed_one_left(world: World) -> None:
 
     world.cycle()
 
-    outcomes = {run["id"]: run["outcome"] for run in world.state.recent_runs()}
+    outcomes = {run.id: run.outcome for run in world.state.recent_runs()}
     assert outcomes[left_running] == "abandoned"
     assert list(outcomes.values()).count("ok") == 1
 
@@ -373,7 +373,7 @@ def test_a_long_running_engine_still_retries_when_due(world: World) -> None:
     due = engine.run_cycle()
 
     assert (early.counts.pushed, due.counts.pushed) == (0, 1)
-    assert world.status(2)["status"] == "synced"
+    assert world.status(2).status == "synced"
 
 
 def test_a_new_tenure_of_the_lock_reads_the_state_again(world: World) -> None:
@@ -473,8 +473,8 @@ def test_a_stop_ends_a_cycle_held_by_retry_after_and_loses_nothing(world: World)
     watermark = world.state.watermark()
     told = world.status(5)
     assert report.outcome == "stopped"
-    assert (told["status"], told["last_code"]) == ("retrying", 429)
-    assert told["next_attempt_at"] == world.clock.now + timedelta(seconds=MAX_RETRY_AFTER)
+    assert (told.status, told.last_code) == ("retrying", 429)
+    assert told.next_attempt_at == world.clock.now + timedelta(seconds=MAX_RETRY_AFTER)
     assert recorded == sent | {5}
     assert len(recorded) < 20
     assert watermark is not None and watermark.key < min(set(range(1, 21)) - recorded)

@@ -211,7 +211,7 @@ def test_every_hostile_row_is_recorded_and_every_good_one_synced_in_one_cycle(
         key = case.key if case.key is not None else case.values.get("id", f"h{n:02}")
         row = hostile.state.status_of(status_key(key)[0])
         assert row is not None, case.name
-        got = (row["status"], row["last_code"], row["last_message"])
+        got = (row.status, row.last_code, row.last_message)
         assert got == (case.status, case.code, case.message), case.name
         if case.sent is not None:
             assert held[5000 + n] == {"email": f"hostile{n}@example.com", **case.sent}
@@ -280,7 +280,7 @@ def test_numeric_euids_and_float_phones_on_postgresql(pg_database: str, state_ur
     with World.running(pg_database, state_url) as world:
         report = world.cycle()
 
-        messages = {i: world.status(i)["last_message"] for i in range(1, 10)}
+        messages = {i: world.status(i).last_message for i in range(1, 10)}
 
     assert report.outcome == "ok"
     assert world.emulator.contacts == {

@@ -278,7 +278,7 @@ def test_audit_detects_and_repairs_a_missed_change(world: World) -> None:
 
     assert report.counts.audit_misses == 1
     assert world.emulator.received(1001)[-1] == {"email": "late@example.com"}
-    assert world.status(1)["status"] == "synced"
+    assert world.status(1).status == "synced"
     assert world.cycle().counts.audit_misses == 0
 
 
@@ -343,7 +343,7 @@ def test_status_shows_the_replica_lag_of_each_run(standby_pair, tmp_path) -> Non
         primary.wait_for_replay(standby)
         world.cycle()
 
-        text = render_status("users", world.state, world.state.progress())
+        text = render_status(world.state.status_view())
 
     lines = text.splitlines()
     at = next(i for i, line in enumerate(lines) if line.lstrip().startswith("run "))

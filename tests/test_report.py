@@ -4,7 +4,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from cdc_sync.report import lookback_warning, table
+from cdc_sync.report import lookback_warning, render_status, table
 
 M5 = timedelta(minutes=5)
 
@@ -46,3 +46,25 @@ def test_table_aligns_columns_and_shows_missing_values() -> None:
         "  1     -",
         "  long  2026-01-02 03:04:05",
     ]
+
+
+def test_status_is_formatted_from_values_alone() -> None:
+    """``render_status`` needs no database: a view built by hand gives the whole report."""
+    from cdc_sync.rules import Position, Status
+    from cdc_sync.state import Progress, RunCounts, RunRow, StatusView, UserStatus
+
+    at = datetime(2026, 1, 2, 3, 4, 5)
+    run = RunRow(7, at, at, "ok", RunCounts(rows_read=3, pushed=2), 1.5, None, '[1, "a"]', None)
+    user = UserStatus("a", 42, Status.FAILED, None, "h", 1, 40007, "bad email", at, at, None,
+                      None, at)
+    progress = Progress(watermark=Position(1, "a"))
+    view = StatusView("users", progress, {"synced": 2, "failed": 1}, [run], [user])
+
+    text = render_status(view)
+
+    lines = text.splitlines()
+    assert lines[:2] == ["sync users", '  watermark: [1, "a"]']
+    assert "  users: synced 2, retrying 0, failed 1, skipped 0 (total 3)" in lines
+    assert "  7    2026-01-02 03:04:05  ok       3     2" in text
+    assert "1.5s" in text
+    assert "  a    42    failed  1         40007  bad email" in text

@@ -49,11 +49,11 @@ def test_commit_page_inserts_then_updates(store: StateStore) -> None:
 
     row = store.status_of("1")
     assert row is not None
-    assert (row["status"], row["attempts"], row["last_code"]) == ("retrying", 1, -1)
-    assert row["pushed_hash"] == "h1"  # a failed attempt never forgets what EngageLab holds
-    assert row["last_success_at"] == NOW  # kept when the update carries none
-    assert (row["first_seen_at"], row["updated_at"], row["last_attempt_at"]) == (NOW, later, later)
-    assert row["next_attempt_at"] == later + timedelta(seconds=30)
+    assert (row.status, row.attempts, row.last_code) == ("retrying", 1, -1)
+    assert row.pushed_hash == "h1"  # a failed attempt never forgets what EngageLab holds
+    assert row.last_success_at == NOW  # kept when the update carries none
+    assert (row.first_seen_at, row.updated_at, row.last_attempt_at) == (NOW, later, later)
+    assert row.next_attempt_at == later + timedelta(seconds=30)
 
 
 def test_records_reads_a_page_in_one_call(store: StateStore) -> None:
@@ -109,8 +109,9 @@ def test_runs_are_started_and_finished(store: StateStore) -> None:
     store.finish_run(run_id, NOW, "ok", RunCounts(rows_read=3, pushed=2, skipped=1), Position(3, 4))
 
     [run] = store.recent_runs()
-    assert (run["outcome"], run["rows_read"], run["pushed"], run["skipped"]) == ("ok", 3, 2, 1)
-    assert (run["watermark_before"], run["watermark_after"]) == ("[1, 2]", "[3, 4]")
+    assert run.outcome == "ok"
+    assert (run.counts.rows_read, run.counts.pushed, run.counts.skipped) == (3, 2, 1)
+    assert (run.watermark_before, run.watermark_after) == ("[1, 2]", "[3, 4]")
 
 
 def test_problems_list_failed_before_retrying_before_skipped(store: StateStore) -> None:
@@ -118,7 +119,7 @@ def test_problems_list_failed_before_retrying_before_skipped(store: StateStore) 
     store.commit_page([upd("s", Status.SKIPPED), upd("r", Status.RETRYING), upd("f", Status.FAILED),
                        upd("ok")], None, NOW)
 
-    assert [p["source_key"] for p in store.recent_problems()] == ["f", "r", "s"]
+    assert [p.source_key for p in store.recent_problems()] == ["f", "r", "s"]
     assert store.counts_by_status() == {"synced": 1, "retrying": 1, "failed": 1, "skipped": 1}
 
 
@@ -274,7 +275,7 @@ def test_runs_left_running_are_marked_abandoned(store: StateStore) -> None:
 
     closed = store.close_abandoned_runs(NOW)
 
-    outcomes = {run["id"]: run["outcome"] for run in store.recent_runs()}
+    outcomes = {run.id: run.outcome for run in store.recent_runs()}
     assert closed == 1
     assert outcomes == {killed: "abandoned", done: "ok"}
 
@@ -288,7 +289,7 @@ def test_old_runs_are_pruned(store: StateStore) -> None:
 
     store.prune_runs(NOW - timedelta(days=30))
 
-    assert [run["id"] for run in store.recent_runs()] == [new]
+    assert [run.id for run in store.recent_runs()] == [new]
     assert old != new
     assert len(other.recent_runs()) == 1
 
@@ -319,7 +320,7 @@ def test_hostile_answers_are_stored(
     store.commit_page([update], None, NOW)
 
     row = store.status_of("1")
-    assert row is not None and (row["last_code"], row["last_message"]) == stored
+    assert row is not None and (row.last_code, row.last_message) == stored
 
 
 def test_a_key_with_a_nul_is_a_storable_watermark(store: StateStore) -> None:
@@ -375,7 +376,7 @@ def test_whatever_the_rules_produce_is_stored(
 
     row = example.status_of(update.key)
     assert row is not None
-    assert (row["status"], row["last_code"], row["last_message"], row["euid"]) == (
+    assert (row.status, row.last_code, row.last_message, row.euid) == (
         update.status.value,
         update.last_code,
         update.last_message,
