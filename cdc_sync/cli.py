@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,8 +27,9 @@ from sqlalchemy import create_engine, event, make_url
 from cdc_sync import __version__, logs
 from cdc_sync.config import Settings, load_settings
 from cdc_sync.configfile import resolve_config_path
-from cdc_sync.engagelab import CodePolicy, EngageLabClient, Verdict
-from cdc_sync.engine import Engine, EngineSettings, Stop
+from cdc_sync.durations import format_duration
+from cdc_sync.engagelab import ApiResult, CodePolicy, EngageLabClient, Verdict
+from cdc_sync.engine import Engine, EngineSettings, Pusher, Stop, utcnow
 from cdc_sync.errors import (
     EX_CONFIG,
     EX_FATAL_API,
@@ -37,12 +39,19 @@ from cdc_sync.errors import (
     SetupError,
 )
 from cdc_sync.lock import EX_TEMPFAIL, InstanceLock
+from cdc_sync.mapping import Payload
 from cdc_sync.notify import Notifier
 from cdc_sync.proxies import Proxies
-from cdc_sync.report import cycle_line, render_check, render_status
+from cdc_sync.report import (
+    cycle_line,
+    render_check,
+    render_preview,
+    render_status,
+    render_user,
+)
 from cdc_sync.rules import Retry
 from cdc_sync.source import READ_ATTEMPTS, Source, SourceSpec
-from cdc_sync.state import StateStore
+from cdc_sync.state import HISTORY_PER_USER, StateStore, describe
 
 
 class Needs(enum.IntEnum):
@@ -80,10 +89,13 @@ class App:
         except ValueError as exc:
             raise ConfigError(str(self.settings.config_path), "source.lookback", str(exc)) from None
 
-    def engine(self, progress: Callable[[], None] = lambda: None) -> Engine:
+    def engine(
+        self, progress: Callable[[], None] = lambda: None, *, dry_run: bool = False
+    ) -> Engine:
+        """The engine; with ``dry_run``, one without an API client, for previews."""
         assert self.needs is Needs.API, "a command running cycles declares Needs.API"
         s = self.settings
-        if self.client is None:
+        if self.client is None and not dry_run:
             self.client = build_client(s)
         retry = Retry(s.retry.base, s.retry.max, s.retry.max_attempts)
         audit_rows = s.audit.rows_per_cycle if s.audit.enabled else 0
@@ -96,7 +108,18 @@ class App:
             clear=s.engagelab.clear_empty,
             keep_runs=s.state.keep_runs,
         )
-        return Engine(knobs, self.source, self.state, self.client, progress=progress)
+        pusher: Pusher = _NoPushes() if dry_run else self.client  # type: ignore[assignment]
+        return Engine(knobs, self.source, self.state, pusher, progress=progress)
+
+
+class _NoPushes:
+    """The pusher of a dry run: previews never push, and this makes sure."""
+
+    def submit(self, payloads: Sequence[Payload]) -> Future[list[ApiResult | None]]:
+        raise AssertionError("a dry run must not push")
+
+    def resume(self) -> None:
+        raise AssertionError("a dry run must not run a cycle")
 
 
 # No pre-ping: it costs a round trip per checkout, an idle poll's largest cost. A connection
@@ -243,6 +266,11 @@ def ready(app: App) -> None:
 
 
 def cmd_once(app: App, args: argparse.Namespace) -> int:
+    if args.dry_run:
+        app.state.require_schema()
+        app.source.open()
+        print(render_preview(app.settings.name, app.engine(dry_run=True).preview(args.sample)))
+        return 0
     ready(app)
     stop = Stop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -309,6 +337,139 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=10, help="rows per section")
 
 
+def _once_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show what a cycle would push, with counts and a sample of keys; call no API and "
+        "change nothing",
+    )
+    parser.add_argument("--sample", type=int, default=10, help="keys shown by --dry-run")
+
+
+# -- operator commands: safe while the daemon runs ------------------------------------------
+# They write the tracking tables and bump the operator epoch there; a running daemon reads the
+# epoch with each run start and then drops what it cached (watermark, retry queue, status rows).
+
+
+def cmd_show(app: App, args: argparse.Namespace) -> int:
+    state = app.state
+    state.require_schema()
+    keys = [args.key] if args.key is not None else state.keys_of_euid(args.euid)
+    users = [found for found in map(state.status_of, keys) if found is not None]
+    if not users:
+        who = f"user {args.key}" if args.key is not None else f"a user with euid {args.euid}"
+        print(f"cdc-sync: sync {app.settings.name} has no record of {who}", file=sys.stderr)
+        return 1
+    print("\n\n".join(render_user(u, state.history(u.source_key, args.limit)) for u in users))
+    return 0
+
+
+def _show_arguments(parser: argparse.ArgumentParser) -> None:
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("key", nargs="?", help="the user's key (the source.key column)")
+    who.add_argument("--euid", type=int, help="the user's EngageLab user id instead")
+    parser.add_argument("--limit", type=int, default=HISTORY_PER_USER, help="history rows")
+
+
+def cmd_retry(app: App, args: argparse.Namespace) -> int:
+    app.state.require_schema()
+    count = app.state.retry_now(args.keys, args.failed, utcnow())
+    which = "the given users" if args.keys else "retrying" + (" and failed" if args.failed else "")
+    print(f"{count} users ({which}) are due for a retry now; the next cycle pushes them")
+    return 0
+
+
+def _retry_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("keys", nargs="*", metavar="KEY", help="only these users")
+    parser.add_argument(
+        "--failed", action="store_true", help="failed users too, with a fresh count of attempts"
+    )
+
+
+def cmd_resync(app: App, args: argparse.Namespace) -> int:
+    app.state.require_schema()
+    if args.all == bool(args.keys):
+        print("cdc-sync resync: give KEY... or --all, not both", file=sys.stderr)
+        return 2
+    if args.all:
+        if not confirmed(f"Push every user of sync {app.settings.name} again?", args.yes):
+            return 1
+        count = app.state.resync_all(utcnow())
+        print(f"the next cycle reads the whole table again and pushes every user ({count} known)")
+    else:
+        app.state.resync(args.keys, utcnow())
+        print(f"{len(args.keys)} users are due now; the next cycle re-reads and pushes them")
+    return 0
+
+
+def _resync_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("keys", nargs="*", metavar="KEY", help="these users")
+    parser.add_argument("--all", action="store_true", help="every user in the table")
+    parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def cmd_reset_watermark(app: App, args: argparse.Namespace) -> int:
+    state, source = app.state, app.source
+    state.require_schema()
+    source.open()
+    if args.beginning:
+        target = None
+    else:
+        try:
+            cursor = source.cursor_from_text(args.to)
+        except ValueError:
+            print(
+                f"cdc-sync reset-watermark: --to {args.to!r} is not a value of the cursor "
+                f"column {source.spec.cursor}; give an ISO 8601 time or a number",
+                file=sys.stderr,
+            )
+            return 2
+        target = source.position_before(cursor)
+    now_at = describe(state.watermark()) or "the beginning"
+    to = describe(target) or "the beginning"
+    question = f"Move the watermark of sync {app.settings.name} from {now_at} to {to}?"
+    if not confirmed(question, args.yes):
+        return 1
+    state.request_reset(target, utcnow())
+    print(f"the next cycle starts from {to} (was {now_at}) and reads every row after it again")
+    return 0
+
+
+def _reset_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--to", metavar="TIME", help="read again every row whose cursor is at or after TIME"
+    )
+    where.add_argument("--beginning", action="store_true", help="read the whole table again")
+    parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def cmd_prune(app: App, args: argparse.Namespace) -> int:
+    app.state.require_schema()
+    keep = app.settings.state.keep_runs
+    pruned = app.state.prune(utcnow() - keep)
+    print(
+        f"deleted {pruned.runs} runs and {pruned.history} history entries older than "
+        f"{format_duration(keep)} (or beyond each user's newest {HISTORY_PER_USER})"
+    )
+    return 0
+
+
+def confirmed(question: str, yes: bool) -> bool:
+    """Whether the operator confirms ``question``: ``--yes``, or "y" typed at a terminal."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        print("cdc-sync: not confirmed: no terminal to ask on; add --yes", file=sys.stderr)
+        return False
+    answer = input(f"{question} [y/N] ")
+    if answer.strip().lower() in ("y", "yes"):
+        return True
+    print("cdc-sync: not confirmed; nothing changed", file=sys.stderr)
+    return False
+
+
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
     pass
 
@@ -340,7 +501,13 @@ COMMANDS: tuple[Command | Tool, ...] = (
         cmd_migrate,
         Needs.STATE,
     ),
-    Command("once", "run one sync cycle, then exit", cmd_once, Needs.API),
+    Command(
+        "once",
+        "run one sync cycle, then exit (--dry-run: only say what it would push)",
+        cmd_once,
+        Needs.API,
+        _once_arguments,
+    ),
     Command(
         "run",
         "run the daemon: a cycle every schedule.interval until SIGTERM",
@@ -359,6 +526,40 @@ COMMANDS: tuple[Command | Tool, ...] = (
         "validate the config and the databases; say which index to create",
         cmd_check,
         Needs.SOURCE,
+    ),
+    Command(
+        "show",
+        "one user's status, payload hash, attempts, last answer and recent history",
+        cmd_show,
+        Needs.STATE,
+        _show_arguments,
+    ),
+    Command(
+        "retry",
+        "retry now: retrying users (--failed: failed ones too), or the given ones",
+        cmd_retry,
+        Needs.STATE,
+        _retry_arguments,
+    ),
+    Command(
+        "resync",
+        "push users again whatever their stored hashes, from their current rows",
+        cmd_resync,
+        Needs.STATE,
+        _resync_arguments,
+    ),
+    Command(
+        "reset-watermark",
+        "make the next cycle read again from a time, or from the beginning",
+        cmd_reset_watermark,
+        Needs.SOURCE,
+        _reset_arguments,
+    ),
+    Command(
+        "prune",
+        "delete run history and user history past retention now (also done hourly)",
+        cmd_prune,
+        Needs.STATE,
     ),
     Tool("emulator", "run the EngageLab emulator (for tests and demos)"),
     Tool("demo", "run the demo on embedded defaults"),

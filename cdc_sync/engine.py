@@ -150,12 +150,23 @@ class Engine:
         self._watermark_known = False
         self._next_due: datetime | None = None  # earliest next_attempt_at of a retrying user
         self._due_known = False
+        # The operator epoch these were read under: an operator's command bumps it (retry,
+        # resync, reset-watermark), and the next cycle then reads them all again.
+        self._epoch: int | None = None
 
     def begin_tenure(self) -> None:
         """The lock was (re)acquired: another instance may have run meanwhile, so what this
         engine remembers (watermark, retry queue, whether killed runs were tidied, the status
         rows the state store keeps) is dropped and read again on the next cycle."""
         self._started = False
+        self._epoch = None
+        self._forget()
+
+    def _read_progress(self) -> None:
+        progress = self._progress = self.state.progress()
+        self._watermark, self._seen = progress.watermark, progress.horizon
+
+    def _forget(self) -> None:
         self._watermark_known = False
         self._due_known = False
         self.state.forget()
@@ -218,12 +229,19 @@ class Engine:
                 log.warning("abandoned_runs_closed", sync=self.settings.name, runs=abandoned)
         if self._pruned is None or self.clock() - self._pruned >= PRUNE_EVERY:
             self._pruned = self.clock()
-            self.state.prune_runs(self._pruned - self.settings.keep_runs)
+            self.state.prune(self._pruned - self.settings.keep_runs)
+        fresh = not self._watermark_known
         if not self._watermark_known:
-            progress = self._progress = self.state.progress()
-            self._watermark, self._seen = progress.watermark, progress.horizon
+            self._read_progress()
         before = self._watermark
         run_id = self.state.start_run(self.clock(), before)
+        if self.state.epoch != self._epoch:  # an operator's command, or a new tenure
+            self._epoch = self.state.epoch
+            self._forget()
+            moved = self.state.reset_pending and self.state.apply_reset(run_id, self.clock())
+            if moved or not fresh:
+                self._read_progress()
+                before = self._watermark
         cycle = _Cycle(self, before)
         log.info("cycle_started", sync=self.settings.name, run_id=run_id)
         outcome, error = "ok", None
@@ -270,6 +288,27 @@ class Engine:
             )
         return CycleReport(run_id, outcome, counts, before, cycle.watermark, error)
 
+    def preview(self, sample: int = 10) -> Preview:
+        """What the next cycle would do, without calling the API or writing anything: the rows
+        it would read (from a pending watermark reset, if one waits) and the users due for a
+        retry, with the action each would get."""
+        reset = self.state.pending_reset()
+        if reset is not None:  # applied, it starts the re-read window afresh
+            return _Cycle(self, reset[0]).preview(sample, None)
+        progress = self.state.progress()
+        return _Cycle(self, progress.watermark).preview(sample, progress.horizon)
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What a cycle would do (``once --dry-run``)."""
+
+    watermark: Position | None
+    rows_read: int
+    actions: dict[str, int]  # by action (push, unchanged, confirm, defer, skip)
+    retries_due: int  # users due for a retry, re-read and among the actions
+    sample: list[str]  # keys of users that would be pushed, the first few
+
 
 class _Batch:
     """One page on its way: what was read and decided, and the pushes in flight for it."""
@@ -309,10 +348,7 @@ class _Cycle:
         """
         e = self.engine
         size = e.settings.batch_size
-        if e.source.spec.gap_free:
-            after, start = self.watermark, None  # exact: nothing can commit behind it
-        else:
-            after, start = self.window(e._seen)
+        after, start = self.start(e._seen)
         pending: _Batch | None = None  # the page whose pushes are in flight
         try:
             self.horizon, rows = e.source.first_page(after, start, size, stop=stop)
@@ -364,6 +400,13 @@ class _Cycle:
                 )
             return
 
+    def start(self, seen: Any) -> tuple[Position | None, Any]:
+        """Where a scan starts: at the watermark in xid8 mode (exact: nothing can commit behind
+        it), else at its re-read window."""
+        if self.engine.source.spec.gap_free:
+            return self.watermark, None
+        return self.window(seen)
+
     def window(self, seen: Any) -> tuple[Position | None, Any]:
         """Where a scan from the watermark held now starts (:func:`rules.reread_from`)."""
         lookback = self.engine.settings.lookback
@@ -395,10 +438,11 @@ class _Cycle:
             self.finish(batch, retrying=True)
             self.forget_vanished(set(keys) - set(batch.keys))
 
-    def send(self, rows: Sequence[SourceRow], *, retrying: bool) -> _Batch:
-        """Map and compare a page (one state query), and submit the pushes it needs."""
+    def plan(
+        self, rows: Sequence[SourceRow], now: datetime, *, retrying: bool
+    ) -> tuple[list[Mapped], list[str], dict[str, Record], list[Action]]:
+        """Map and compare a page (one state query): each row's payload, key, record, action."""
         e = self.engine
-        now = e.clock()
         mapped = [map_row(row, salt=e.settings.name, clear=e.settings.clear) for row in rows]
         keys = [m.key for m in mapped]
         records = e.state.records(keys)
@@ -406,6 +450,41 @@ class _Cycle:
             decide(m, records.get(k), now, retrying=retrying)
             for m, k in zip(mapped, keys, strict=True)
         ]
+        return mapped, keys, records, actions
+
+    def preview(self, sample: int, seen: Any) -> Preview:
+        """Read as :meth:`scan` and :meth:`retry_due` would, and only count what they would do."""
+        e = self.engine
+        size = e.settings.batch_size
+        now = e.clock()
+        tally: Counter[str] = Counter()
+        pushed: list[str] = []
+        rows_read = 0
+
+        def judge(rows: Sequence[SourceRow], retrying: bool) -> None:
+            _, keys, _, actions = self.plan(rows, now, retrying=retrying)
+            tally.update(action.name.lower() for action in actions)
+            pushed.extend(k for k, a in zip(keys, actions, strict=True) if a is Action.PUSH)
+            del pushed[sample:]
+
+        _, rows = e.source.first_page(*self.start(seen), size)
+        while rows:
+            rows_read += len(rows)
+            judge(rows, False)
+            if len(rows) < size:
+                break
+            rows = e.source.read_page(Position(rows[-1].cursor, rows[-1].key), None, size)
+        due = e.state.due_retries(now, 1_000_000)
+        for i in range(0, len(due), size):
+            keys = due[i : i + size]
+            judge(e.source.read_keys([e.source.key_from_text(k) for k in keys]), True)
+        return Preview(self.watermark, rows_read, dict(tally), len(due), pushed)
+
+    def send(self, rows: Sequence[SourceRow], *, retrying: bool) -> _Batch:
+        """Map and compare a page, and submit the pushes it needs."""
+        e = self.engine
+        now = e.clock()
+        mapped, keys, records, actions = self.plan(rows, now, retrying=retrying)
         sending = [i for i, action in enumerate(actions) if action is Action.PUSH]
         answers = e.pusher.submit([_payload(mapped[i]) for i in sending])
         return _Batch(rows, mapped, keys, records, actions, sending, answers, now)

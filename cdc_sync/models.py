@@ -71,6 +71,20 @@ sync_state = Table(
     Column("reach_checked_at", UtcDateTime, comment="when the last sweep of those rows finished"),
     Column("held_rows", Integer, comment="rows ahead of the source's clock holding the watermark"),
     Column("held_by_s", Float, comment="how far the furthest of them is ahead, in seconds"),
+    Column(
+        "epoch",
+        Integer,
+        nullable=False,
+        server_default="0",
+        comment="bumped by each operator command; the daemon re-reads what it caches",
+    ),
+    Column(
+        "reset_requested_at",
+        UtcDateTime,
+        comment="a watermark reset the next cycle applies (NULL: none)",
+    ),
+    Column("reset_cursor", Text, comment="the reset's cursor (NULL: the beginning)"),
+    Column("reset_key", Text, comment="the reset's key"),
     comment="Per sync: the watermark, the last (cursor, key) whose outcome is recorded.",
 )
 
@@ -120,4 +134,20 @@ sync_runs = Table(
     Column("error", Text),
     Index(None, "sync_name", "started_at"),
     comment="One row per cycle.",
+)
+
+sync_history = Table(
+    "cdc_sync_history",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("sync_name", String(64), nullable=False),
+    Column("source_key", String(256), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("code", Integer),
+    Column("message", Text),
+    Column("attempted_hash", String(64)),
+    Index(None, "sync_name", "source_key", "id"),
+    comment="Each user's recent outcomes, newest kept; pruned with the run history.",
 )

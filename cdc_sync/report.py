@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 from cdc_sync.dburls import mask_password
 from cdc_sync.durations import format_duration
-from cdc_sync.state import Progress, StatusView, describe
+from cdc_sync.state import HistoryEntry, Progress, StatusView, UserStatus, describe
 
 if TYPE_CHECKING:
     from cdc_sync.config import Settings
-    from cdc_sync.engine import CycleReport
+    from cdc_sync.engine import CycleReport, Preview
+    from cdc_sync.rules import Position
     from cdc_sync.source import IndexAdvice, SourceFacts, SourceSpec
 
 
@@ -59,6 +60,11 @@ def render_status(view: StatusView) -> str:
         f"  watermark: {describe(view.progress.watermark) or 'none (the next cycle reads all)'}",
         *progress_lines(view.progress),
         f"  users: {by_status} (total {sum(counts.values())})",
+        *(
+            [f"  watermark reset pending: the next cycle starts from {_from(view.reset[0])}"]
+            if view.reset
+            else []
+        ),
         "",
         "recent runs (newest first)",
         table(
@@ -144,6 +150,49 @@ def progress_lines(progress: Progress) -> list[str]:
     if progress.held_rows:
         lines.append(f"  watermark held: {held_text(progress.held_rows, progress.held_by_s)}")
     return lines
+
+
+def render_user(user: UserStatus, history: Sequence[HistoryEntry]) -> str:
+    """``cdc-sync show``: one user's status row and recent outcomes (hashes, never contacts)."""
+    lines = [
+        f"user {user.source_key}",
+        f"  euid:          {_cell(user.euid)}",
+        f"  status:        {user.status}",
+        f"  pushed hash:   {_cell(user.pushed_hash or None)}  (the payload EngageLab accepted)",
+        f"  attempted:     {_cell(user.attempted_hash or None)}  (the payload last tried)",
+        f"  attempts:      {user.attempts}",
+        f"  last answer:   code {_cell(user.last_code)}: {_cell(user.last_message)}",
+        f"  first seen:    {_cell(user.first_seen_at)}",
+        f"  last attempt:  {_cell(user.last_attempt_at)}",
+        f"  last success:  {_cell(user.last_success_at)}",
+        f"  next attempt:  {_cell(user.next_attempt_at)}",
+        "",
+        "history (newest first)",
+    ]
+    rows = [[h.at, h.status, h.attempts, h.code, h.message, h.attempted_hash] for h in history]
+    headers = ["at", "status", "attempts", "code", "message", "payload hash"]
+    lines.append(table(headers, rows) if rows else "  none")
+    return "\n".join(lines)
+
+
+def render_preview(name: str, preview: Preview) -> str:
+    """``cdc-sync once --dry-run``: what a cycle would do."""
+    a = preview.actions
+    return "\n".join(
+        [
+            f"dry run of sync {name}: nothing was pushed or recorded",
+            f"  from:    {_from(preview.watermark)}",
+            f"  read:    {preview.rows_read} rows, {preview.retries_due} users due for a retry",
+            f"  push:    {a.get('push', 0)}",
+            f"  unchanged: {a.get('unchanged', 0) + a.get('confirm', 0)}, "
+            f"deferred: {a.get('defer', 0)}, skipped: {a.get('skip', 0)}",
+            f"  e.g.:    {', '.join(preview.sample) or 'none'}",
+        ]
+    )
+
+
+def _from(position: Position | None) -> str:
+    return describe(position) or "the beginning"
 
 
 def render_check(

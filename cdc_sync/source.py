@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -539,6 +539,29 @@ class Source:
         query = select(func.count(), func.extract("epoch", gap)).where(cursor > clock, cursor < top)
         [row] = self._run(query)
         return int(row[0]), None if row[1] is None else float(row[1])
+
+    def position_before(self, cursor: Any) -> Position | None:
+        """The (cursor, key) of the last row whose cursor is below ``cursor`` (None: no row is):
+        a watermark from which every row at or after ``cursor`` is read again."""
+        c, k = self.table.c[self.spec.cursor], self.table.c[self.spec.key]
+        query = select(c, k).where(c < cursor).order_by(c.desc(), k.desc()).limit(1)
+        rows = self._run(query)
+        return Position(rows[0][0], rows[0][1]) if rows else None
+
+    def cursor_from_text(self, text: str) -> Any:
+        """An operator's cursor value (``reset-watermark --to``) in the cursor column's type:
+        an ISO 8601 time for a timestamp (UTC when it names no zone and the column has one),
+        a number for a numeric cursor. ValueError if it is neither."""
+        column = self.table.c[self.spec.cursor]
+        kind = _python_type(column)
+        if kind is datetime:
+            value = datetime.fromisoformat(text)
+            if getattr(column.type, "timezone", False) and value.tzinfo is None:
+                value = value.replace(tzinfo=UTC)
+            return value
+        if kind is date:
+            return date.fromisoformat(text)
+        return int(text)
 
     def key_from_text(self, text: str) -> Any:
         """A key as stored in the status table (text) back in the source column's type."""

@@ -12,7 +12,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -44,7 +44,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cdc_sync.dburls import mask_password
 from cdc_sync.errors import StateError, first_line
-from cdc_sync.models import VERSION_TABLE, UtcDateTime, sync_runs, sync_state, sync_status
+from cdc_sync.models import (
+    VERSION_TABLE,
+    UtcDateTime,
+    sync_history,
+    sync_runs,
+    sync_state,
+    sync_status,
+)
 from cdc_sync.redact import clean, storable
 from cdc_sync.rules import Position, Record, Status, Update
 
@@ -52,7 +59,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 # Every migration in migrations/versions, oldest first (a test holds them to alembic's own view).
-REVISIONS = ("0001", "0002", "0003")
+REVISIONS = ("0001", "0002", "0003", "0004")
 SCHEMA_HEAD = REVISIONS[-1]
 
 SHARED_VERSION_TABLE = "alembic_version"
@@ -66,6 +73,8 @@ REMEMBERED_RECORDS = 10_000  # status rows StateStore.records keeps in memory, a
 ERROR_LIMIT = 2000  # characters of a cycle's error kept in cdc_sync_runs.error
 
 ANALYZE_AFTER = 1000  # status rows this process writes before it checks the table's statistics
+
+HISTORY_PER_USER = 20  # outcomes kept per user in cdc_sync_history when it is pruned
 
 
 def migrations_dir() -> Path:
@@ -240,6 +249,26 @@ class UserStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One recorded outcome of one user (``cdc_sync_history``); no contact values."""
+
+    at: datetime
+    status: Status
+    attempts: int
+    code: int | None
+    message: str | None
+    attempted_hash: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What :meth:`StateStore.prune` deleted."""
+
+    runs: int
+    history: int
+
+
+@dataclass(frozen=True, slots=True)
 class StatusView:
     """What ``cdc-sync status`` shows: read in one go, formatted by :mod:`cdc_sync.report`."""
 
@@ -248,6 +277,7 @@ class StatusView:
     counts: dict[str, int]  # users by status
     runs: list[RunRow]  # newest first
     problems: list[UserStatus]  # failed, then retrying, then skipped; newest first
+    reset: tuple[Position | None] | None = None  # a watermark reset the next cycle applies
 
 
 class StateStore:
@@ -263,6 +293,10 @@ class StateStore:
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         self._records_query = _records_query(dialect)
         self._upsert = self._upsert_statement(_recordset() if dialect == "postgresql" else None)
+        self._history = _history_statement(dialect)
+        # The operator epoch read with the last run start, and whether a reset waits then.
+        self.epoch = 0
+        self.reset_pending = False
         # Status rows read lately (None: no row), by key, least recently used first.
         self._known: OrderedDict[str, Record | None] = OrderedDict()
         # Status rows written before the table's statistics are checked (None: checked).
@@ -469,7 +503,8 @@ class StateStore:
             log.warning("status_table_not_analysed", error=str(exc))
 
     def _upsert_status(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
-        """Insert or update status rows: one statement, one parameter for the page on PostgreSQL.
+        """Insert or update status rows: one statement, one parameter for the page on PostgreSQL;
+        and append each to the users' history, from the same parameter.
 
         PostgreSQL gets the page as one JSON document unpacked server-side (jsonb_to_recordset):
         executemany sends a statement per row, a multi-row VALUES list costs more to build and
@@ -482,10 +517,12 @@ class StateStore:
         for row in rows:
             self._known.pop(row["source_key"], None)
         if self.engine.dialect.name == "postgresql":
-            document = json.dumps(_json_rows(rows), separators=(",", ":"))
-            connection.execute(self._upsert, {"rows": document})
+            document = {"rows": json.dumps(_json_rows(rows), separators=(",", ":"))}
+            connection.execute(self._upsert, document)
+            connection.execute(self._history, document)
         else:
             connection.execute(self._upsert, rows)
+            connection.execute(self._history, rows)
 
     def _upsert_statement(self, source: Select[Any] | None) -> Any:
         """The status upsert, from ``source`` rows (PostgreSQL) or executemany (SQLite); built
@@ -547,16 +584,59 @@ class StateStore:
         )
 
     def start_run(self, now: datetime, watermark: Position | None) -> int:
+        """Open a run row; its id. The same statement reads the operator epoch into
+        :attr:`epoch` and whether a watermark reset waits into :attr:`reset_pending`, so a
+        running daemon notices an operator's command at no extra cost."""
         row = {
             "sync_name": self.sync_name,
+            "sync": self.sync_name,
             "started_at": now,
             "outcome": "running",
             "watermark_before": describe(watermark),
         }
         with self._connect() as connection:  # one statement: atomic by itself
-            run_id = connection.execute(_START_RUN, row).inserted_primary_key
-            assert run_id is not None
-            return int(run_id[0])
+            run_id, epoch, reset_at = connection.execute(_START_RUN, row).one()
+        self.epoch = epoch or 0
+        self.reset_pending = reset_at is not None
+        return int(run_id)
+
+    def apply_reset(self, run_id: int, now: datetime) -> bool:
+        """Apply a watermark reset an operator requested, if one waits; whether one did.
+
+        Called under the instance lock at the start of a cycle. The request is cleared only if
+        it is the one read, so a newer one is never lost (its epoch brings it next cycle).
+        """
+        s = sync_state.c
+        with self._transaction() as connection:
+            row = connection.execute(_RESET, {"sync": self.sync_name}).first()
+            if row is None or row.reset_requested_at is None:
+                return False
+            applied = connection.execute(
+                update(sync_state)
+                .where(
+                    s.sync_name == self.sync_name,
+                    s.reset_requested_at == row.reset_requested_at,
+                )
+                .values(
+                    cursor_value=row.reset_cursor,
+                    key_value=row.reset_key,
+                    horizon_value=None,  # the re-read window starts from the new watermark
+                    reset_requested_at=None,
+                    reset_cursor=None,
+                    reset_key=None,
+                    updated_at=now,
+                )
+            ).rowcount
+            if applied:
+                position = _position(row.reset_cursor, row.reset_key)
+                connection.execute(
+                    update(sync_runs)
+                    .where(sync_runs.c.id == run_id)
+                    .values(watermark_before=describe(position))
+                )
+        if applied:
+            log.warning("watermark_reset", sync=self.sync_name, to=describe(position))
+        return bool(applied)
 
     def finish_run(
         self,
@@ -593,14 +673,31 @@ class StateStore:
             )
             return result.rowcount
 
-    def prune_runs(self, before: datetime) -> None:
-        """Forget run history older than ``before`` (served by the sync_name, started_at index)."""
-        with self._connect() as connection:  # one statement: atomic by itself
-            connection.execute(
+    def prune(self, before: datetime, per_user: int = HISTORY_PER_USER) -> Pruned:
+        """Forget runs and outcomes older than ``before``, and all but each user's newest
+        ``per_user`` outcomes."""
+        h = sync_history.c
+        ranked = (
+            select(
+                h.id,
+                func.row_number().over(partition_by=h.source_key, order_by=h.id.desc()).label("n"),
+            )
+            .where(h.sync_name == self.sync_name)
+            .subquery()
+        )
+        surplus = select(ranked.c.id).where(ranked.c.n > per_user)
+        with self._transaction() as connection:
+            runs = connection.execute(
                 sync_runs.delete().where(
                     sync_runs.c.sync_name == self.sync_name, sync_runs.c.started_at < before
                 )
-            )
+            ).rowcount
+            history = connection.execute(
+                sync_history.delete().where(
+                    h.sync_name == self.sync_name, (h.at < before) | h.id.in_(surplus)
+                )
+            ).rowcount
+        return Pruned(runs, history)
 
     # -- the audit sweep ------------------------------------------------------------------
 
@@ -713,6 +810,112 @@ class StateStore:
             self.counts_by_status(),
             self.recent_runs(limit),
             self.recent_problems(limit),
+            self.pending_reset(),
+        )
+
+    def keys_of_euid(self, euid: int) -> list[str]:
+        c = sync_status.c
+        query = select(c.source_key).where(c.sync_name == self.sync_name, c.euid == euid)
+        with self._connect() as connection:
+            return list(connection.scalars(query.order_by(c.source_key)))
+
+    def history(self, key: str, limit: int = HISTORY_PER_USER) -> list[HistoryEntry]:
+        """A user's recorded outcomes, newest first."""
+        h = sync_history.c
+        query = (
+            select(h.at, h.status, h.attempts, h.code, h.message, h.attempted_hash)
+            .where(h.sync_name == self.sync_name, h.source_key == key)
+            .order_by(h.id.desc())
+            .limit(limit)
+        )
+        with self._connect() as connection:
+            return [
+                HistoryEntry(at, Status(status), attempts, code, message, hashed)
+                for at, status, attempts, code, message, hashed in connection.execute(query)
+            ]
+
+    def pending_reset(self) -> tuple[Position | None] | None:
+        """A watermark reset waiting for the next cycle, as a 1-tuple (None: none waits)."""
+        with self._connect() as connection:
+            row = connection.execute(_RESET, {"sync": self.sync_name}).first()
+        if row is None or row.reset_requested_at is None:
+            return None
+        return (_position(row.reset_cursor, row.reset_key),)
+
+    # -- operator requests: each bumps the epoch, so a running daemon re-reads its caches ----
+
+    def request_reset(self, position: Position | None, now: datetime) -> None:
+        """Ask the next cycle to start from ``position`` (None: the beginning)."""
+        cursor = None if position is None else encode_value(position.cursor)
+        key = None if position is None else encode_value(position.key)
+        with self._transaction() as connection:
+            self._bump(connection, now, reset_requested_at=now, reset_cursor=cursor, reset_key=key)
+
+    def retry_now(self, keys: Sequence[str], failed: bool, now: datetime) -> int:
+        """Make users due for a retry now: ``keys`` (retrying or failed), or every retrying user
+        and, with ``failed``, every failed one, who gets a fresh count of attempts. How many."""
+        c = sync_status.c
+        chosen = [c.sync_name == self.sync_name]
+        if keys:
+            chosen.append(c.source_key.in_(list(keys)))
+        with self._transaction() as connection:
+            count = connection.execute(
+                update(sync_status)
+                .where(*chosen, c.status == Status.RETRYING.value)
+                .values(next_attempt_at=now, updated_at=now)
+            ).rowcount
+            if failed or keys:
+                count += connection.execute(
+                    update(sync_status)
+                    .where(*chosen, c.status == Status.FAILED.value)
+                    .values(
+                        status=Status.RETRYING.value,
+                        attempts=0,
+                        attempted_hash="",  # matches no payload: the retry pushes
+                        last_message="retry requested by an operator",
+                        next_attempt_at=now,
+                        updated_at=now,
+                    )
+                ).rowcount
+            self._bump(connection, now)
+        self._known.clear()
+        return int(count)
+
+    def resync(self, keys: Sequence[str], now: datetime) -> None:
+        """Push ``keys`` again whatever their hashes say: each is due for a retry now, which
+        re-reads its current row. An empty hash matches no payload."""
+        update_ = Update(
+            "", None, Status.RETRYING, "", "", 0, None, "resync requested by an operator",
+            None, None, now,
+        )  # fmt: skip
+        rows = [self._row(replace(update_, key=key), now) for key in keys]
+        with self._transaction() as connection:
+            self._upsert_status(connection, rows)
+            self._bump(connection, now)
+
+    def resync_all(self, now: datetime) -> int:
+        """Push every user again: forget every hash and read the table from the beginning
+        (the next cycle applies the reset). How many users were known."""
+        c = sync_status.c
+        with self._transaction() as connection:
+            count = connection.execute(
+                update(sync_status)
+                .where(c.sync_name == self.sync_name)
+                .values(pushed_hash="", attempted_hash="", updated_at=now)
+            ).rowcount
+            self._bump(connection, now, reset_requested_at=now, reset_cursor=None, reset_key=None)
+        self._known.clear()
+        return int(count)
+
+    def _bump(self, connection: Connection, now: datetime, **values: Any) -> None:
+        """Bump the operator epoch (creating the state row if need be), setting ``values``."""
+        values["updated_at"] = now
+        stmt = self._insert(sync_state).values(sync_name=self.sync_name, epoch=1, **values)
+        connection.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[sync_state.c.sync_name],
+                set_={"epoch": sync_state.c.epoch + 1, **values},
+            )
         )
 
     # -- plumbing -------------------------------------------------------------------------
@@ -749,10 +952,20 @@ class StateStore:
 
 # The statements of every cycle, built once: SQLAlchemy then skips construction and cache-key
 # work, which on an idle poll cost more than the round trips. Values are bound at execution.
-_PROGRESS = select(sync_state).where(sync_state.c.sync_name == bindparam("sync"))
+_THIS_SYNC = sync_state.c.sync_name == bindparam("sync")
+_PROGRESS = select(sync_state).where(_THIS_SYNC)
 _VERSION = text(f"SELECT version_num FROM {VERSION_TABLE}")  # noqa: S608 - a constant name
-_START_RUN = insert(sync_runs)  # the columns are those of the row executed with
+# The columns are those of the row executed with; the operator epoch, and whether a watermark
+# reset waits, come back with the id.
+_START_RUN = insert(sync_runs).returning(
+    sync_runs.c.id,
+    select(sync_state.c.epoch).where(_THIS_SYNC).scalar_subquery(),
+    select(sync_state.c.reset_requested_at).where(_THIS_SYNC).scalar_subquery(),
+)
 _FINISH_RUN = update(sync_runs).where(sync_runs.c.id == bindparam("run"))  # SET: the other keys
+_RESET = select(
+    sync_state.c.reset_requested_at, sync_state.c.reset_cursor, sync_state.c.reset_key
+).where(_THIS_SYNC)
 
 
 def _shared_revision(connection: Connection) -> str | None:
@@ -799,8 +1012,9 @@ def _records_query(dialect: str) -> Select[Any]:
     ).where(c.sync_name == bindparam("sync"), among)
 
 
-def _recordset() -> Select[Any]:
-    """``SELECT ... FROM jsonb_to_recordset(:rows) AS r(sync_name varchar(64), ...)``."""
+def _recordset(columns: Sequence[str] | None = None) -> Select[Any]:
+    """``SELECT ... FROM jsonb_to_recordset(:rows) AS r(sync_name varchar(64), ...)``: status
+    rows, all their columns or ``columns``."""
     names = [c.name for c in sync_status.c]
     typed = [
         column(name, DateTime(timezone=True) if isinstance(kind, UtcDateTime) else kind)
@@ -811,7 +1025,43 @@ def _recordset() -> Select[Any]:
         .table_valued(*typed)
         .render_derived(name="r", with_types=True)
     )
-    return select(*(rows.c[name] for name in names))
+    return select(*(rows.c[name] for name in columns or names))
+
+
+# The history columns and the status-row columns they are filled from.
+_HISTORY_FROM = {
+    "sync_name": "sync_name",
+    "source_key": "source_key",
+    "at": "updated_at",
+    "status": "status",
+    "attempts": "attempts",
+    "code": "last_code",
+    "message": "last_message",
+    "attempted_hash": "attempted_hash",
+}
+
+
+def _history_statement(dialect: str) -> Any:
+    """Append status rows to the history: from the page's JSON document on PostgreSQL (the
+    parameter the upsert was sent), from executemany rows on SQLite."""
+    if dialect == "postgresql":
+        source = _recordset(list(_HISTORY_FROM.values()))
+        return insert(sync_history).from_select(list(_HISTORY_FROM), source)
+    # Binds named after the status row's keys (_HISTORY_FROM); textual, since SQLAlchemy
+    # reserves bind names equal to the columns of an INSERT.
+    return text(
+        "INSERT INTO cdc_sync_history"
+        " (sync_name, source_key, at, status, attempts, code, message, attempted_hash)"
+        " VALUES (:sync_name, :source_key, :updated_at, :status, :attempts, :last_code,"
+        " :last_message, :attempted_hash)"
+    ).bindparams(bindparam("updated_at", type_=UtcDateTime()))
+
+
+def _position(cursor: str | None, key: str | None) -> Position | None:
+    """A watermark from its stored text (None: none, the beginning)."""
+    if cursor is None or key is None:
+        return None
+    return Position(decode_value(cursor), decode_value(key))
 
 
 def _json_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

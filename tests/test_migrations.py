@@ -17,7 +17,7 @@ from cdc_sync.models import VERSION_TABLE, metadata, sync_state
 from cdc_sync.rules import Position
 from cdc_sync.state import REVISIONS, SCHEMA_HEAD, StateStore, alembic_config
 
-TABLES = {"cdc_sync_state", "cdc_sync_status", "cdc_sync_runs"}
+TABLES = {"cdc_sync_state", "cdc_sync_status", "cdc_sync_runs", "cdc_sync_history"}
 
 
 def tables(store: StateStore) -> set[str]:

@@ -287,7 +287,7 @@ def test_old_runs_are_pruned(store: StateStore) -> None:
     other = StateStore(store.engine, "other")
     other.start_run(NOW - timedelta(days=31), None)
 
-    store.prune_runs(NOW - timedelta(days=30))
+    store.prune(NOW - timedelta(days=30))
 
     assert [run.id for run in store.recent_runs()] == [new]
     assert old != new
@@ -382,3 +382,66 @@ def test_whatever_the_rules_produce_is_stored(
         update.last_message,
         update.euid,
     )
+
+
+def test_every_recorded_outcome_is_kept_in_the_users_history(store: StateStore) -> None:
+    """Each status write appends the outcome (status, attempts, code, message, hash) to the
+    user's history, newest first; the status row keeps only the last."""
+    later = NOW + timedelta(minutes=1)
+    store.commit_page([upd("1", Status.RETRYING, attempted="h2", attempts=1, code=-1,
+                           message="internal error", pushed=None)], None, NOW)
+    store.commit_page([upd("1", attempted="h2", pushed="h2"), upd("2")], None, later)
+
+    history = store.history("1")
+
+    assert [(h.at, h.status, h.attempts, h.code, h.message, h.attempted_hash) for h in history] == [
+        (later, Status.SYNCED, 0, 0, "success", "h2"),
+        (NOW, Status.RETRYING, 1, -1, "internal error", "h2"),
+    ]
+    assert len(store.history("2")) == 1
+
+
+def test_prune_keeps_each_users_newest_outcomes_and_recent_ones(store: StateStore) -> None:
+    """Pruning drops outcomes older than the cut-off and all but each user's newest N."""
+    for minute in range(5):
+        store.commit_page([upd("a", message=f"m{minute}")], None, NOW + timedelta(minutes=minute))
+    store.commit_page([upd("b")], None, NOW - timedelta(days=40))
+
+    pruned = store.prune(NOW - timedelta(days=30), per_user=3)
+
+    assert pruned.history == 3  # two of a's beyond the newest three, and b's old one
+    assert [h.message for h in store.history("a")] == ["m4", "m3", "m2"]
+    assert store.history("b") == []
+
+
+def test_operator_requests_bump_the_epoch_read_with_the_run_start(store: StateStore) -> None:
+    """retry, resync and a reset each bump the epoch, and start_run reads it back."""
+    store.start_run(NOW, None)
+    first = store.epoch
+    store.commit_page([upd("a", Status.FAILED, attempted="h9", pushed=None)], None, NOW)
+
+    assert store.retry_now([], True, NOW) == 1
+    store.resync(["b"], NOW)
+    store.request_reset(None, NOW)
+    store.start_run(NOW, None)
+
+    assert (first, store.epoch) == (0, 3)
+    assert store.records(["a"])["a"].attempted_hash == ""  # matches no payload: pushed again
+    b = store.status_of("b")
+    assert b is not None and (b.status, b.pushed_hash, b.next_attempt_at) == ("retrying", "", NOW)
+
+
+def test_a_requested_reset_is_applied_once_by_the_next_run(store: StateStore) -> None:
+    """A reset waits in the state row until a run applies it, moving the watermark and the
+    run's watermark_before; applying again finds nothing."""
+    store.commit_page([], Position(10, 10), NOW)
+    store.request_reset(Position(3, 3), NOW)
+    run_id = store.start_run(NOW, Position(10, 10))
+
+    applied = store.apply_reset(run_id, NOW)
+    again = store.apply_reset(run_id, NOW)
+
+    assert (applied, again) == (True, False)
+    assert store.watermark() == Position(3, 3)
+    assert store.pending_reset() is None
+    assert store.recent_runs()[0].watermark_before == "[3, 3]"
