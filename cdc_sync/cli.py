@@ -574,10 +574,10 @@ EX_PIPE = 128 + signal.SIGPIPE
 EXIT_STATUSES = f"""\
 exit statuses:
   0    done
-  1    unexpected error
+  1    unexpected error; show: no such user; resync --all, reset-watermark: not confirmed
   2    wrong command-line usage
   {EX_FATAL_API:<3}  EngageLab refused the sync (credentials, project), or its TLS certificate was
-       refused: every request would fail
+       refused: every request would fail (run: three cycles in a row)
   {EX_UNAVAILABLE:<3}  something outside the config is wrong (a database unreachable, the table or a
        column missing, the tracking tables behind); the message says what and how to fix it
   {EX_TEMPFAIL:<3}  another instance of the same sync holds its lock (once, migrate)
