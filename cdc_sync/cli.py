@@ -39,7 +39,7 @@ from cdc_sync.errors import (
     SetupError,
 )
 from cdc_sync.lock import EX_TEMPFAIL, InstanceLock
-from cdc_sync.mapping import Payload
+from cdc_sync.mapping import Payload, Policy
 from cdc_sync.notify import Notifier
 from cdc_sync.proxies import Proxies
 from cdc_sync.report import (
@@ -104,8 +104,8 @@ class App:
             batch_size=s.source.batch_size,
             lookback=self.lookback(),
             retry=retry,
+            mapping=mapping_policy(s),
             audit_rows=audit_rows,
-            clear=s.engagelab.clear_empty,
             keep_runs=s.state.keep_runs,
         )
         pusher: Pusher = _NoPushes() if dry_run else self.client  # type: ignore[assignment]
@@ -190,6 +190,11 @@ def source_spec(s: Settings) -> SourceSpec:
         statement_timeout=src.statement_timeout,
         cursor_mode=src.cursor_mode,
     )
+
+
+def mapping_policy(s: Settings) -> Policy:
+    """How this sync maps rows: one value, built once, handed to every ``map_row``."""
+    return Policy(salt=s.name, clear=s.engagelab.clear_empty)
 
 
 def client_proxies(s: Settings) -> Proxies:

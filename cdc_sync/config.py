@@ -63,11 +63,11 @@ from cdc_sync.durations import (
     parse_duration,
 )
 from cdc_sync.errors import ConfigError
+from cdc_sync.mapping import CONTACT_KEYS, ContactKey
 from cdc_sync.proxies import Proxy
 
 DEFAULT_STATE_URL = "sqlite:///cdc-sync-state.db"
 
-ContactKey = Literal["email", "mobile_phone", "landline_phone", "whatsapp_phone"]
 ApiCodeClass = Literal["transient", "permanent", "fatal"]
 
 # ---------------------------------------------------------------------------------------------
@@ -497,10 +497,7 @@ class LoggingSettings(BaseModel):
 def _at_least_one_contact(value: dict[ContactKey, str]) -> dict[ContactKey, str]:
     """A sync with no contacts would push nothing; that is a mistake, not a configuration."""
     if not value:
-        raise _invalid(
-            "map at least one of email, mobile_phone, landline_phone, whatsapp_phone "
-            "to a source column"
-        )
+        raise _invalid(f"map at least one of {', '.join(CONTACT_KEYS)} to a source column")
     return value
 
 

@@ -41,9 +41,10 @@ from typing import Any
 
 from aiohttp import web
 
+from cdc_sync import mapping
 from cdc_sync.errors import EX_UNAVAILABLE
 
-CONTACT_KEYS = frozenset({"email", "mobile_phone", "landline_phone", "whatsapp_phone"})
+CONTACT_KEYS = frozenset(mapping.CONTACT_KEYS)
 IDENTITY_NAMES = frozenset({"user_id", "anonymous_id", "registration_id"})
 FATAL_CODES = frozenset({40050, 50031, 50034, 50074})
 FIRST_EUID = 10_000_000

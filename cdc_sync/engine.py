@@ -21,7 +21,7 @@ import structlog
 
 from cdc_sync.engagelab import ApiResult, Verdict
 from cdc_sync.errors import CdcSyncError, FatalApiError, SourceError, Stopped
-from cdc_sync.mapping import Mapped, Payload, Skip, SourceRow, map_row
+from cdc_sync.mapping import Mapped, Payload, Policy, Skip, SourceRow, map_row
 from cdc_sync.rules import (
     Action,
     Position,
@@ -113,8 +113,8 @@ class EngineSettings:
     batch_size: int
     lookback: timedelta | int
     retry: Retry
+    mapping: Policy  # how rows become payloads (salt, clearing, ...): passed to map_row as it is
     audit_rows: int = 0  # rows the audit sweep reads per cycle; 0: no audit
-    clear: bool = False  # send "" for contacts that became empty (engagelab.clear_empty)
     keep_runs: timedelta = timedelta(days=30)  # run history older than this is pruned
 
 
@@ -443,7 +443,7 @@ class _Cycle:
     ) -> tuple[list[Mapped], list[str], dict[str, Record], list[Action]]:
         """Map and compare a page (one state query): each row's payload, key, record, action."""
         e = self.engine
-        mapped = [map_row(row, salt=e.settings.name, clear=e.settings.clear) for row in rows]
+        mapped = [map_row(row, e.settings.mapping) for row in rows]
         keys = [m.key for m in mapped]
         records = e.state.records(keys)
         actions = [
@@ -573,7 +573,7 @@ class _Cycle:
             budget -= len(rows)
             after = rows[-1].key if len(rows) == size else None  # a short page: wrap around
             judged = [r for r in rows if settled(r)]
-            mapped = [map_row(r, salt=e.settings.name, clear=e.settings.clear) for r in judged]
+            mapped = [map_row(r, e.settings.mapping) for r in judged]
             records = e.state.records([m.key for m in mapped])
             out = [(m.key, m.euid) for m in mapped if missed(m, records.get(m.key))]
             now = e.clock()

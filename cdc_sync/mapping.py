@@ -12,15 +12,30 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal, get_args
 
 from cdc_sync.redact import digits, redact, storable
 
-CONTACT_KEYS = ("email", "mobile_phone", "landline_phone", "whatsapp_phone")
+ContactKey = Literal["email", "mobile_phone", "landline_phone", "whatsapp_phone"]
+CONTACT_KEYS: tuple[ContactKey, ...] = get_args(ContactKey)
+"""EngageLab's contact keys, the only place they are spelt (config, emulator derive theirs)."""
 EUID_MAX = 2**63 - 1  # EngageLab's euid is a Java Long
 KEY_LIMIT = 256  # characters of cdc_sync_status.source_key
 NUMBER_LIMIT = 10**30  # a number sent as a contact has fewer digits than this (E.164: 15)
 EXACT_FLOAT = 2**53  # above this a double no longer holds every integer exactly
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How rows are mapped, built once from the config and passed to :func:`map_row`.
+
+    ``salt`` (the sync name) keeps hashes from matching across syncs. With ``clear`` a contact
+    whose column is NULL or empty is sent as ``""``, which empties it in EngageLab
+    (``engagelab.clear_empty``); without it, it is left out and EngageLab keeps what it had.
+    """
+
+    salt: str
+    clear: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,17 +219,15 @@ def status_key(key: Any) -> tuple[str, str | None]:
     return digest, f"{problem}: recorded under its SHA-256 digest, not pushed"
 
 
-def map_row(row: SourceRow, *, salt: str, clear: bool = False) -> Mapped:
-    """Map one source row. ``salt`` (the sync name) keeps hashes from matching across syncs.
+def map_row(row: SourceRow, policy: Policy) -> Mapped:
+    """Map one source row as ``policy`` says (see :class:`Policy`).
 
-    With ``clear`` a contact whose column is NULL or empty is sent as ``""``, which empties it
-    in EngageLab; without it, it is left out and EngageLab keeps what it had (patch semantics).
     Never raises: a value that cannot be sent is the row's skip reason.
     """
     key, key_problem = status_key(row.key)
     contacts, problem = clean_contacts(row.contacts)
     euid = parse_euid(row.euid)
-    if clear:
+    if policy.clear:
         contacts = {name: contacts.get(name, "") for name in sorted(row.contacts)}
     result: Payload | Skip
     if key_problem is not None:
@@ -233,7 +246,7 @@ def map_row(row: SourceRow, *, salt: str, clear: bool = False) -> Mapped:
     else:
         result = Payload(euid, contacts)
         hashed_euid = euid
-    return Mapped(row, result, payload_hash(salt, hashed_euid, contacts), key)
+    return Mapped(row, result, payload_hash(policy.salt, hashed_euid, contacts), key)
 
 
 def payload_hash(salt: str, euid: int | str, contacts: Mapping[str, str]) -> str:

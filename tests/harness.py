@@ -15,6 +15,7 @@ from cdc_sync.cli import state_engine
 from cdc_sync.emulator import Emulator, EmulatorServer
 from cdc_sync.engagelab import EngageLabClient
 from cdc_sync.engine import CycleReport, Engine, EngineSettings
+from cdc_sync.mapping import Policy
 from cdc_sync.rules import Retry
 from cdc_sync.source import Source, SourceSpec
 from cdc_sync.state import StateStore, UserStatus
@@ -81,7 +82,12 @@ class World:
         )
         retry = Retry(timedelta(seconds=30), timedelta(minutes=10), 5)
         settings = EngineSettings(
-            "users", self.batch_size, self.lookback, retry, self.audit_rows, self.clear
+            "users",
+            self.batch_size,
+            self.lookback,
+            retry,
+            Policy("users", self.clear),
+            self.audit_rows,
         )
         return Engine(
             settings,

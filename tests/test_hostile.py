@@ -15,7 +15,7 @@ from sqlalchemy import create_engine
 
 from cdc_sync.emulator import Faults
 from cdc_sync.errors import SourceError
-from cdc_sync.mapping import Payload, Skip, map_row, status_key
+from cdc_sync.mapping import Payload, Policy, Skip, map_row, status_key
 from cdc_sync.rules import Position
 from cdc_sync.source import Source, SourceSpec
 
@@ -374,7 +374,7 @@ def test_every_postgresql_column_type_maps_to_text_or_a_reason(
     [row] = Source(engine, spec).read_page(None, None, 10)
     engine.dispose()
 
-    result = map_row(row, salt="s").result
+    result = map_row(row, Policy("s")).result
 
     if sent is not None:
         assert result == Payload(7, {"mobile_phone": sent})

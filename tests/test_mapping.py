@@ -15,6 +15,7 @@ from cdc_sync.mapping import (
     EUID_MAX,
     KEY_LIMIT,
     Payload,
+    Policy,
     Skip,
     SourceRow,
     clean_contacts,
@@ -86,7 +87,7 @@ def test_contacts_are_trimmed_and_empty_values_dropped() -> None:
 
 def test_row_with_contacts_maps_to_payload() -> None:
     """A valid euid and at least one contact make a payload with the euid as an integer."""
-    mapped = map_row(row("42", email="a@b.c", mobile_phone=None), salt="s")
+    mapped = map_row(row("42", email="a@b.c", mobile_phone=None), Policy("s"))
 
     assert mapped.result == Payload(42, {"email": "a@b.c"})
     assert mapped.result.body() == {"euid": 42, "contacts": {"email": "a@b.c"}}
@@ -94,14 +95,14 @@ def test_row_with_contacts_maps_to_payload() -> None:
 
 def test_row_without_contacts_is_skipped() -> None:
     """A row with no contact values is skipped with a reason, keeping its euid."""
-    mapped = map_row(row(42, email=None, mobile_phone=""), salt="s")
+    mapped = map_row(row(42, email=None, mobile_phone=""), Policy("s"))
 
     assert mapped.result == Skip("no contact values", 42)
 
 
 def test_row_with_bad_euid_is_skipped() -> None:
     """A row whose euid is invalid is skipped with the reason, and no euid."""
-    mapped = map_row(row("x1", email="a@b.c"), salt="s")
+    mapped = map_row(row("x1", email="a@b.c"), Policy("s"))
 
     assert mapped.result == Skip("euid 'x1' is not an integer")
     assert mapped.euid is None
@@ -109,27 +110,27 @@ def test_row_with_bad_euid_is_skipped() -> None:
 
 def test_hash_ignores_whitespace_and_null_columns() -> None:
     """Re-reading a row whose contacts only differ by padding or NULLs gives the same hash."""
-    a = map_row(row(1, email="a@b.c", mobile_phone=None), salt="s")
-    b = map_row(row("1", email=" a@b.c", landline_phone=""), salt="s")
+    a = map_row(row(1, email="a@b.c", mobile_phone=None), Policy("s"))
+    b = map_row(row("1", email=" a@b.c", landline_phone=""), Policy("s"))
 
     assert a.hash == b.hash
 
 
 def test_hash_depends_on_salt_euid_and_every_value() -> None:
     """A different sync, euid or contact value gives a different hash."""
-    base = map_row(row(1, email="a@b.c"), salt="s").hash
+    base = map_row(row(1, email="a@b.c"), Policy("s")).hash
 
-    assert map_row(row(1, email="a@b.c"), salt="t").hash != base
-    assert map_row(row(2, email="a@b.c"), salt="s").hash != base
-    assert map_row(row(1, email="a@b.d"), salt="s").hash != base
-    assert map_row(row(1, email="a@b.c", mobile_phone="1"), salt="s").hash != base
+    assert map_row(row(1, email="a@b.c"), Policy("t")).hash != base
+    assert map_row(row(2, email="a@b.c"), Policy("s")).hash != base
+    assert map_row(row(1, email="a@b.d"), Policy("s")).hash != base
+    assert map_row(row(1, email="a@b.c", mobile_phone="1"), Policy("s")).hash != base
 
 
 def test_invalid_euid_hash_differs_from_valid_one() -> None:
     """A bad euid that later becomes valid changes the hash, so the row is sent."""
     assert (
-        map_row(row("1x", email="a@b.c"), salt="s").hash
-        != map_row(row(1, email="a@b.c"), salt="s").hash
+        map_row(row("1x", email="a@b.c"), Policy("s")).hash
+        != map_row(row(1, email="a@b.c"), Policy("s")).hash
     )
 
 
@@ -144,7 +145,7 @@ contact_values = st.one_of(st.none(), st.text(max_size=20))
 )
 def test_payload_never_carries_empty_values(contacts: dict[str, object]) -> None:
     """Whatever the row holds, a payload has at least one contact and no blank value."""
-    mapped = map_row(row(5, **contacts), salt="s")
+    mapped = map_row(row(5, **contacts), Policy("s"))
 
     if isinstance(mapped.result, Payload):
         assert mapped.result.contacts
@@ -156,8 +157,9 @@ def test_payload_never_carries_empty_values(contacts: dict[str, object]) -> None
 
 def test_clearing_sends_empty_strings_for_emptied_columns() -> None:
     """With clear on, every mapped contact is in the payload, emptied ones as ""."""
-    mapped = map_row(row(5, email="a@b.c", mobile_phone=None, landline_phone=" "), salt="s",
-                     clear=True)
+    mapped = map_row(
+        row(5, email="a@b.c", mobile_phone=None, landline_phone=" "), Policy("s", True)
+    )
 
     assert mapped.result == Payload(5, {"email": "a@b.c", "landline_phone": "", "mobile_phone": ""})
 
@@ -165,7 +167,7 @@ def test_clearing_sends_empty_strings_for_emptied_columns() -> None:
 def test_clearing_a_user_with_no_values_left_offers_a_clearing_payload() -> None:
     """With clear on, a user with every contact empty is skipped, carrying the payload that
     would empty them in EngageLab."""
-    mapped = map_row(row(5, email=None, mobile_phone=""), salt="s", clear=True)
+    mapped = map_row(row(5, email=None, mobile_phone=""), Policy("s", True))
 
     clears = Payload(5, {"email": "", "mobile_phone": ""})
     assert mapped.result == Skip("no contact values", 5, clears)
@@ -173,8 +175,10 @@ def test_clearing_a_user_with_no_values_left_offers_a_clearing_payload() -> None
 
 def test_clearing_changes_the_hash() -> None:
     """Turning clearing on changes a row's hash, so every user is pushed once in the new form."""
-    assert map_row(row(5, email="a", mobile_phone=None), salt="s").hash != map_row(
-        row(5, email="a", mobile_phone=None), salt="s", clear=True).hash
+    assert (
+        map_row(row(5, email="a", mobile_phone=None), Policy("s")).hash
+        != map_row(row(5, email="a", mobile_phone=None), Policy("s", True)).hash
+    )
 
 
 @pytest.mark.parametrize(
@@ -205,7 +209,7 @@ def test_clearing_changes_the_hash() -> None:
 def test_contact_values_of_every_column_type(value: object, sent: str | None, reason: str) -> None:
     """Whole numbers are sent as integers; a value that makes no sense as a contact skips the row
     with a reason naming the contact, never the value."""
-    mapped = map_row(row(5, email="a@b.c", mobile_phone=value), salt="s")
+    mapped = map_row(row(5, email="a@b.c", mobile_phone=value), Policy("s"))
 
     if sent is not None:
         assert mapped.result == Payload(5, {"email": "a@b.c", "mobile_phone": sent})
@@ -215,7 +219,7 @@ def test_contact_values_of_every_column_type(value: object, sent: str | None, re
 
 def test_a_key_too_long_for_the_status_table_is_refused_under_its_digest() -> None:
     """A 300-character key is recorded under its SHA-256 with the reason, and never pushed."""
-    mapped = map_row(SourceRow("k" * 300, 1, 5, {"email": "a@b.c"}), salt="s")
+    mapped = map_row(SourceRow("k" * 300, 1, 5, {"email": "a@b.c"}), Policy("s"))
 
     assert isinstance(mapped.result, Skip) and mapped.result.key_refused
     assert mapped.result.reason.startswith("the source key is 300 characters long, more than 256")
@@ -224,7 +228,7 @@ def test_a_key_too_long_for_the_status_table_is_refused_under_its_digest() -> No
 
 def test_a_key_of_the_longest_storable_length_is_kept() -> None:
     """A key of exactly 256 characters is stored as it is."""
-    mapped = map_row(SourceRow("k" * KEY_LIMIT, 1, 5, {"email": "a@b.c"}), salt="s")
+    mapped = map_row(SourceRow("k" * KEY_LIMIT, 1, 5, {"email": "a@b.c"}), Policy("s"))
 
     assert (mapped.key, mapped.result) == ("k" * KEY_LIMIT, Payload(5, {"email": "a@b.c"}))
 
@@ -244,7 +248,7 @@ def test_any_row_maps_to_a_sendable_payload_or_a_clear_reason(
 ) -> None:
     """Whatever Python value psycopg or sqlite3 returns in any column, mapping never raises: a
     payload the client can encode, or a skip whose reason and key both tracking backends store."""
-    mapped = map_row(SourceRow(key, 1, euid, contacts), salt="s", clear=clear)
+    mapped = map_row(SourceRow(key, 1, euid, contacts), Policy("s", clear))
 
     assert len(mapped.key) <= KEY_LIMIT and storable(mapped.key)
     assert len(mapped.hash) == 64

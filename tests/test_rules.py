@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cdc_sync.engagelab import ApiResult, Verdict
-from cdc_sync.mapping import SourceRow, map_row
+from cdc_sync.mapping import Policy, SourceRow, map_row
 from cdc_sync.rules import (
     Action,
     Position,
@@ -24,10 +24,10 @@ from cdc_sync.rules import (
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 POLICY = Retry(timedelta(seconds=30), timedelta(hours=1), max_attempts=5)
-PUSHABLE = map_row(SourceRow(1, 1, 7, {"email": "a@b.c"}), salt="s")
-OTHER = map_row(SourceRow(1, 1, 7, {"email": "x@b.c"}), salt="s")
-SKIPPED = map_row(SourceRow(1, 1, "bad", {"email": "a@b.c"}), salt="s")
-EMPTIED = map_row(SourceRow(1, 1, 7, {"email": None}), salt="s", clear=True)
+PUSHABLE = map_row(SourceRow(1, 1, 7, {"email": "a@b.c"}), Policy("s"))
+OTHER = map_row(SourceRow(1, 1, 7, {"email": "x@b.c"}), Policy("s"))
+SKIPPED = map_row(SourceRow(1, 1, "bad", {"email": "a@b.c"}), Policy("s"))
+EMPTIED = map_row(SourceRow(1, 1, 7, {"email": None}), Policy("s", True))
 H, X, S, E = PUSHABLE.hash, OTHER.hash, SKIPPED.hash, EMPTIED.hash
 LATER, EARLIER = NOW + timedelta(minutes=1), NOW - timedelta(minutes=1)
 
@@ -266,7 +266,7 @@ def test_advance_never_passes_an_unrecorded_row(rows, start) -> None:  # type: i
 def test_the_audit_never_requeues_a_row_whose_key_the_status_table_cannot_hold() -> None:
     """A row recorded under its key's digest is never re-queued by the audit: the retry phase
     reads rows back by key, and no row has that key."""
-    long_key = map_row(SourceRow("k" * 300, 1, 7, {"email": "a@b.c"}), salt="s")
+    long_key = map_row(SourceRow("k" * 300, 1, 7, {"email": "a@b.c"}), Policy("s"))
 
     assert missed(long_key, None) is False
     assert missed(PUSHABLE, None) is True

@@ -14,7 +14,7 @@ from values import any_text, column_value
 from cdc_sync.cli import state_engine
 from cdc_sync.engagelab import ApiResult, Verdict
 from cdc_sync.errors import StateError
-from cdc_sync.mapping import Skip, SourceRow, map_row
+from cdc_sync.mapping import Policy, Skip, SourceRow, map_row
 from cdc_sync.models import sync_runs
 from cdc_sync.rules import Action, Position, Record, Retry, Status, Update, settle
 from cdc_sync.state import RunCounts, StateStore, decode_value, encode_value
@@ -313,7 +313,7 @@ def test_hostile_answers_are_stored(
 ) -> None:
     """An answer's code beyond 32 bits, or a message with a NUL, an unpaired surrogate or of any
     length, is stored on both backends (once: out of range, OverflowError, invalid json)."""
-    mapped = map_row(SourceRow(1, 1, 7, {"email": "a@b.c"}), salt="s")
+    mapped = map_row(SourceRow(1, 1, 7, {"email": "a@b.c"}), Policy("s"))
     update = settle(mapped.key, mapped, Action.PUSH, None, answer, NOW, POLICY)
     assert update is not None
 
@@ -365,7 +365,7 @@ def test_whatever_the_rules_produce_is_stored(
     store: StateStore, key: object, euid: object, contact: object, answer: ApiResult, attempts: int
 ) -> None:
     """Any row and any answer settle into an Update that both tracking backends store as it is."""
-    mapped = map_row(SourceRow(key, 1, euid, {"email": contact}), salt="s")
+    mapped = map_row(SourceRow(key, 1, euid, {"email": contact}), Policy("s"))
     action = Action.SKIP if isinstance(mapped.result, Skip) else Action.PUSH
     record = Record(Status.RETRYING, None, mapped.hash, attempts, None)
     update = settle(mapped.key, mapped, action, record, answer, NOW, POLICY, jitter=0.5)
