@@ -40,6 +40,7 @@ from cdc_sync.errors import (
 )
 from cdc_sync.lock import EX_TEMPFAIL, InstanceLock
 from cdc_sync.mapping import Payload, Policy
+from cdc_sync.normalise import Normalisation
 from cdc_sync.notify import Notifier
 from cdc_sync.proxies import Proxies
 from cdc_sync.report import (
@@ -97,19 +98,21 @@ class App:
         s = self.settings
         if self.client is None and not dry_run:
             self.client = build_client(s)
-        retry = Retry(s.retry.base, s.retry.max, s.retry.max_attempts)
-        audit_rows = s.audit.rows_per_cycle if s.audit.enabled else 0
-        knobs = EngineSettings(
+        knobs = self.engine_settings()
+        pusher: Pusher = _NoPushes() if dry_run else self.client  # type: ignore[assignment]
+        return Engine(knobs, self.source, self.state, pusher, progress=progress)
+
+    def engine_settings(self) -> EngineSettings:
+        s = self.settings
+        return EngineSettings(
             name=s.name,
             batch_size=s.source.batch_size,
             lookback=self.lookback(),
-            retry=retry,
+            retry=Retry(s.retry.base, s.retry.max, s.retry.max_attempts),
             mapping=mapping_policy(s),
-            audit_rows=audit_rows,
+            audit_rows=s.audit.rows_per_cycle if s.audit.enabled else 0,
             keep_runs=s.state.keep_runs,
         )
-        pusher: Pusher = _NoPushes() if dry_run else self.client  # type: ignore[assignment]
-        return Engine(knobs, self.source, self.state, pusher, progress=progress)
 
 
 class _NoPushes:
@@ -194,7 +197,17 @@ def source_spec(s: Settings) -> SourceSpec:
 
 def mapping_policy(s: Settings) -> Policy:
     """How this sync maps rows: one value, built once, handed to every ``map_row``."""
-    return Policy(salt=s.name, clear=s.engagelab.clear_empty)
+    n = s.normalize
+    normalise = None
+    if n.emails or n.phones:
+        normalise = Normalisation(
+            emails=n.emails,
+            phones=n.phones,
+            phone_region=n.phone_region,
+            phone_format=n.phone_format,
+            phone_formats={str(key): form for key, form in n.phone_formats.items()},
+        )
+    return Policy(salt=s.name, clear=s.engagelab.clear_empty, normalise=normalise)
 
 
 def client_proxies(s: Settings) -> Proxies:
@@ -333,7 +346,11 @@ def cmd_check(app: App, args: argparse.Namespace) -> int:
     current, head = app.state.schema_revision()
     route = client_proxies(app.settings).describe(app.settings.engagelab.base_url)
     facts = app.source.facts()
-    text, ok = render_check(app.settings, app.source.spec, facts, current, head, route)
+    pending = None
+    if current == head:  # counted only against tracking tables that can be read
+        counter = Engine(app.engine_settings(), app.source, app.state, _NoPushes())  # type: ignore[arg-type]
+        pending = counter.pending()
+    text, ok = render_check(app.settings, app.source.spec, facts, current, head, route, pending)
     print(text)
     return 0 if ok else 69
 

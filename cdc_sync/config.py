@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
+import phonenumbers
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -63,7 +64,8 @@ from cdc_sync.durations import (
     parse_duration,
 )
 from cdc_sync.errors import ConfigError
-from cdc_sync.mapping import CONTACT_KEYS, ContactKey
+from cdc_sync.mapping import CONTACT_KEYS, ContactKey, PhoneKey
+from cdc_sync.normalise import PhoneFormat
 from cdc_sync.proxies import Proxy
 
 DEFAULT_STATE_URL = "sqlite:///cdc-sync-state.db"
@@ -509,6 +511,31 @@ class FileFacts:
     literal_secrets: tuple[str, ...]  # dotted keys whose secret is written in the file, not ${VAR}
 
 
+def _phone_region(value: str | None) -> str | None:
+    if value is None:
+        return None
+    region = value.strip().upper()
+    if region not in phonenumbers.SUPPORTED_REGIONS:
+        raise _invalid(
+            f"{value!r} is not a region phonenumbers knows; give an ISO 3166 code, e.g. JP, US, SG"
+        )
+    return region
+
+
+class NormalizeSettings(BaseModel):
+    """How phones and e-mail addresses are put in one form before they are hashed and sent."""
+
+    model_config = _MODEL_CONFIG
+
+    emails: bool = False
+    phones: bool = False
+    phone_region: Annotated[Text | None, AfterValidator(_phone_region)] = None
+    phone_format: Annotated[PhoneFormat, BeforeValidator(_lower)] = "e164"
+    phone_formats: dict[PhoneKey, Annotated[PhoneFormat, BeforeValidator(_lower)]] = Field(
+        default_factory=dict
+    )
+
+
 class Settings(BaseModel):
     """Everything one sync needs, validated; built by :func:`load_settings`."""
 
@@ -523,6 +550,7 @@ class Settings(BaseModel):
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    normalize: NormalizeSettings = Field(default_factory=NormalizeSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     _config_path: Path = PrivateAttr(default=Path(DEFAULT_CONFIG_FILE))

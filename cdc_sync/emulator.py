@@ -29,10 +29,12 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -43,6 +45,7 @@ from aiohttp import web
 
 from cdc_sync import mapping
 from cdc_sync.errors import EX_UNAVAILABLE
+from cdc_sync.normalise import VALUE_LIMIT
 
 CONTACT_KEYS = frozenset(mapping.CONTACT_KEYS)
 IDENTITY_NAMES = frozenset({"user_id", "anonymous_id", "registration_id"})
@@ -240,7 +243,25 @@ def parse_contact_request(raw: bytes) -> ContactUpdate | Rejection:
             return Rejection(55102, f"invalid contact key {key[:64]!r}")
         if not isinstance(value, str):
             return Rejection(55004, f"contact {key!r} must be a string")
+        if value and not contact_value_ok(key, value):
+            return Rejection(55004, f"contact {key!r} is not a valid value")
     return ContactUpdate(euid, dict(contacts))
+
+
+_EMAIL_SHAPE = re.compile(r"[^@\s]+@[^@\s.]+(?:\.[^@\s.]+)+")
+_PHONE_SHAPE = re.compile(r"\+?[0-9][0-9 ().\-]*")
+
+
+def contact_value_ok(key: str, value: str) -> bool:
+    """Whether a contact value is one a channel could use (EngageLab documents no format: this
+    is the least a real one needs): at most 256 characters without control characters; an
+    e-mail address shaped ``local@domain.tld``; a phone of digits (a leading ``+``, spaces,
+    ``-``, ``.`` and brackets allowed, as people write them). ``""`` (clearing) is checked
+    by the caller."""
+    if len(value) > VALUE_LIMIT or any(unicodedata.category(c) == "Cc" for c in value):
+        return False
+    shape = _EMAIL_SHAPE if key == "email" else _PHONE_SHAPE
+    return shape.fullmatch(value) is not None
 
 
 def parse_register_request(raw: bytes) -> RegisterRequest | Rejection:

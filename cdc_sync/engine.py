@@ -212,6 +212,21 @@ class Engine:
         self._next_due = self.state.earliest_retry()
         self._due_known = True
 
+    def pending(self) -> int:
+        """How many users the next read of their row would push: the whole table, mapped as a
+        cycle maps it and compared with the status table, without a call or a write. It counts
+        what a change of policy (normalisation turned on, clearing) would re-push."""
+        size, now = self.settings.batch_size, self.clock()
+        count, after = 0, None
+        while True:
+            rows = self.source.read_by_key(after, size)
+            mapped = [map_row(row, self.settings.mapping) for row in rows]
+            records = self.state.records([m.key for m in mapped])
+            count += sum(decide(m, records.get(m.key), now) is Action.PUSH for m in mapped)
+            if len(rows) < size:
+                return count
+            after = rows[-1].key
+
     def run_cycle(self, stop: Stop | None = None) -> CycleReport:
         """Run one cycle. A fatal API answer is recorded in the run history and re-raised.
 

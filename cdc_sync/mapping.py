@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, get_args
 
+from cdc_sync.normalise import VALUE_LIMIT, Normalisation, Refused, limits
 from cdc_sync.redact import digits, redact, storable
 
-ContactKey = Literal["email", "mobile_phone", "landline_phone", "whatsapp_phone"]
-CONTACT_KEYS: tuple[ContactKey, ...] = get_args(ContactKey)
+PhoneKey = Literal["mobile_phone", "landline_phone", "whatsapp_phone"]
+ContactKey = Literal["email", PhoneKey]
 """EngageLab's contact keys, the only place they are spelt (config, emulator derive theirs)."""
+CONTACT_KEYS: tuple[ContactKey, ...] = get_args(ContactKey)
+PHONE_KEYS: tuple[PhoneKey, ...] = get_args(PhoneKey)
 EUID_MAX = 2**63 - 1  # EngageLab's euid is a Java Long
 KEY_LIMIT = 256  # characters of cdc_sync_status.source_key
 NUMBER_LIMIT = 10**30  # a number sent as a contact has fewer digits than this (E.164: 15)
@@ -32,10 +35,14 @@ class Policy:
     ``salt`` (the sync name) keeps hashes from matching across syncs. With ``clear`` a contact
     whose column is NULL or empty is sent as ``""``, which empties it in EngageLab
     (``engagelab.clear_empty``); without it, it is left out and EngageLab keeps what it had.
+    ``normalise`` (``normalize``) puts phones and e-mail addresses in one form before they are
+    hashed, so a cosmetic edit in the source makes no call.
     """
 
     salt: str
     clear: bool = False
+    normalise: Normalisation | None = None  # None: values are sent as they are (trimmed)
+    value_limit: int = VALUE_LIMIT  # a longer contact value is refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,20 +136,35 @@ def parse_euid(raw: Any) -> int | str:
     return value
 
 
-def clean_contacts(raw: Mapping[str, Any]) -> tuple[dict[str, str], str | None]:
-    """Contact values as the text EngageLab is sent: trimmed, with NULL and empty values left
-    out (keys in a stable order); and why the row cannot be sent, if a value makes no sense as
-    a contact. Reasons name the contact, never its value."""
+def clean_contacts(
+    raw: Mapping[str, Any], policy: Policy | None = None
+) -> tuple[dict[str, str], str | None]:
+    """Contact values as the text EngageLab is sent: trimmed, within the limits, normalised as
+    ``policy`` says, with NULL and empty values left out (keys in a stable order); and why the
+    row cannot be sent, if a value makes no sense as a contact. Reasons name the contact, never
+    its value."""
+    limit = policy.value_limit if policy is not None else VALUE_LIMIT
+    normal = policy.normalise if policy is not None else None
     cleaned: dict[str, str] = {}
     for key in sorted(raw):
         value = raw[key]
         if value is None:
             continue
-        if isinstance(value, str):  # the common case: kept to a strip and a C-speed check
+        if isinstance(value, str):  # the common case: kept to a strip and C-speed checks
             text = value.strip()
-            problem = None if text.isprintable() else _text_problem(key, text)
+            problem = None
+            if len(text) > limit or not text.isprintable():
+                problem = _text_problem(key, text, limit)
         else:
             text, problem = _contact_text(key, value)
+            if problem is None:
+                problem = _text_problem(key, text, limit)
+        if problem is None and text and normal is not None:
+            result = normal.value(key, text, number=isinstance(value, int | float | Decimal))
+            if isinstance(result, Refused):
+                problem = f"contact {key} {result.reason}"
+            else:
+                text = result
         if problem is not None:
             return cleaned, problem
         if text:
@@ -184,18 +206,16 @@ def _contact_text(key: str, value: Any) -> tuple[str, str | None]:
             text = bytes(value).decode()
         except UnicodeDecodeError:
             return "", f"contact {key} is not valid UTF-8 text"
-        text = text.strip()
-        return text, None if text.isprintable() else _text_problem(key, text)
+        return text.strip(), None
     return "", f"contact {key} is of type {type(value).__name__}, not text or a number"
 
 
-def _text_problem(key: str, text: str) -> str | None:
-    """Why a text value cannot be sent (asked only of text that is not all printable)."""
-    if "\x00" in text:
-        return f"contact {key} holds a NUL character"
-    if not storable(text):  # a SQLite source's bytes that are not UTF-8 (see source.py)
+def _text_problem(key: str, text: str, limit: int) -> str | None:
+    """Why a trimmed text value cannot be sent, whatever its contact."""
+    if "\x00" not in text and not storable(text):  # a SQLite source's bytes, not UTF-8
         return f"contact {key} is not valid UTF-8 text"
-    return None
+    problem = limits(text, limit)
+    return None if problem is None else f"contact {key} {problem}"
 
 
 def status_key(key: Any) -> tuple[str, str | None]:
@@ -225,7 +245,7 @@ def map_row(row: SourceRow, policy: Policy) -> Mapped:
     Never raises: a value that cannot be sent is the row's skip reason.
     """
     key, key_problem = status_key(row.key)
-    contacts, problem = clean_contacts(row.contacts)
+    contacts, problem = clean_contacts(row.contacts, policy)
     euid = parse_euid(row.euid)
     if policy.clear:
         contacts = {name: contacts.get(name, "") for name in sorted(row.contacts)}

@@ -202,8 +202,11 @@ def render_check(
     current: str | None,
     head: str | None,
     route: str | None = None,
+    pending: int | None = None,
 ) -> tuple[str, bool]:
-    """The report of ``cdc-sync check`` and whether everything needed to run is in place."""
+    """The report of ``cdc-sync check`` and whether everything needed to run is in place.
+
+    ``pending``: users whose row, read now, would be pushed (see :meth:`Engine.pending`)."""
     lookback = settings.source.lookback
     lines = [f"config     {settings.config_path}: valid"]
     exposure = secret_warning(settings)
@@ -242,6 +245,11 @@ def render_check(
         lines.append(
             f"state      {mask_password(state_url)}: tracking tables at {current or 'nothing'}, "
             f"need {head}; run `cdc-sync migrate`"
+        )
+    if pending is not None:
+        lines.append(
+            f"pending    {pending} user(s) would be pushed when next read: new, changed, or "
+            "mapped differently than last sent (normalize or clear_empty changed)"
         )
     lines.append(f"engagelab  {settings.engagelab.base_url} (api key {settings.engagelab.api_key})")
     if route is not None:

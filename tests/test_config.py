@@ -252,6 +252,14 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         ("retry.max_attempts", 0, "retry.max_attempts", "at least 1 and at most 10000"),
         ("logging.level", "TRACE", "logging.level", "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
         ("logging.format", "xml", "logging.format", "'json' or 'console' (got 'xml')"),
+        ("normalize.phone_region", "jp", "normalize.phone_region", None),
+        ("normalize.phone_region", "XX", "normalize.phone_region", "not a region phonenumbers"),
+        ("normalize.phone_format", "E164", "normalize.phone_format", None),
+        ("normalize.phone_format", "plus", "normalize.phone_format", "'e164' or 'digits'"),
+        ("normalize.phone_formats", {"email": "digits"}, "normalize.phone_formats.email",
+         "'mobile_phone', 'landline_phone' or 'whatsapp_phone'"),
+        ("normalize.phone_formats", {"whatsapp_phone": "digits"}, "normalize.phone_formats", None),
+        ("normalize.email", True, "normalize.email", "did you mean 'emails'?"),
     ],
 )
 def test_invalid_values_name_their_key_path(
