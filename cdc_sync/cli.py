@@ -192,6 +192,8 @@ def source_spec(s: Settings) -> SourceSpec:
         contacts={key: column for key, column in s.contacts.items()},
         statement_timeout=src.statement_timeout,
         cursor_mode=src.cursor_mode,
+        consent=src.consent,
+        deleted=src.deleted,
     )
 
 
@@ -207,7 +209,13 @@ def mapping_policy(s: Settings) -> Policy:
             phone_format=n.phone_format,
             phone_formats={str(key): form for key, form in n.phone_formats.items()},
         )
-    return Policy(salt=s.name, clear=s.engagelab.clear_empty, normalise=normalise)
+    return Policy(
+        salt=s.name,
+        clear=s.engagelab.clear_empty,
+        normalise=normalise,
+        on_leave=s.engagelab.on_leave,
+        contact_keys=tuple(sorted(s.contacts)),
+    )
 
 
 def client_proxies(s: Settings) -> Proxies:

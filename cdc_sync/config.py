@@ -308,6 +308,8 @@ class SourceSettings(BaseModel):
     key: Text
     cursor: Text
     euid: Text
+    consent: Text | None = None
+    deleted: Text | None = None
     batch_size: Annotated[Number, Between(1, 10_000)] = 500
     cursor_mode: Annotated[Literal["timestamp", "xid8"], BeforeValidator(_lower)] = "timestamp"
     # A count of cursor units must leave a bigint cursor minus the lookback inside bigint.
@@ -416,6 +418,7 @@ class EngageLabSettings(BaseModel):
     )
     rate_limit_codes: tuple[ApiCode, ...] = ()
     clear_empty: bool = False
+    on_leave: Annotated[Literal["keep", "clear"], BeforeValidator(_lower)] = "keep"
     proxy: Annotated[SecretStr | None, SECRET_URL, AfterValidator(_proxy_ok)] = None
 
     @model_validator(mode="after")

@@ -21,7 +21,17 @@ import structlog
 
 from cdc_sync.engagelab import ApiResult, Verdict
 from cdc_sync.errors import CdcSyncError, FatalApiError, SourceError, Stopped
-from cdc_sync.mapping import Mapped, Payload, Policy, Skip, SourceRow, map_row
+from cdc_sync.mapping import (
+    VANISHED,
+    Mapped,
+    Payload,
+    Policy,
+    SourceRow,
+    is_digest,
+    leave,
+    map_row,
+    status_key,
+)
 from cdc_sync.rules import (
     Action,
     Position,
@@ -153,6 +163,9 @@ class Engine:
         # The operator epoch these were read under: an operator's command bumps it (retry,
         # resync, reset-watermark), and the next cycle then reads them all again.
         self._epoch: int | None = None
+        # Where the audit's check of tracked users against the source resumes. In memory only:
+        # a new process starts that sweep from the first key again.
+        self._tracked_after: str | None = None
 
     def begin_tenure(self) -> None:
         """The lock was (re)acquired: another instance may have run meanwhile, so what this
@@ -454,11 +467,18 @@ class _Cycle:
             self.forget_vanished(set(keys) - set(batch.keys))
 
     def plan(
-        self, rows: Sequence[SourceRow], now: datetime, *, retrying: bool
+        self,
+        rows: Sequence[SourceRow],
+        now: datetime,
+        *,
+        retrying: bool,
+        mapped: list[Mapped] | None = None,
     ) -> tuple[list[Mapped], list[str], dict[str, Record], list[Action]]:
-        """Map and compare a page (one state query): each row's payload, key, record, action."""
+        """Map and compare a page (one state query): each row's payload, key, record, action.
+        ``mapped``: users already mapped (those gone from the source), instead of ``rows``."""
         e = self.engine
-        mapped = [map_row(row, e.settings.mapping) for row in rows]
+        if mapped is None:
+            mapped = [map_row(row, e.settings.mapping) for row in rows]
         keys = [m.key for m in mapped]
         records = e.state.records(keys)
         actions = [
@@ -495,11 +515,13 @@ class _Cycle:
             judge(e.source.read_keys([e.source.key_from_text(k) for k in keys]), True)
         return Preview(self.watermark, rows_read, dict(tally), len(due), pushed)
 
-    def send(self, rows: Sequence[SourceRow], *, retrying: bool) -> _Batch:
-        """Map and compare a page, and submit the pushes it needs."""
+    def send(
+        self, rows: Sequence[SourceRow], *, retrying: bool, mapped: list[Mapped] | None = None
+    ) -> _Batch:
+        """Map and compare a page, and submit the pushes it needs (see :meth:`plan`)."""
         e = self.engine
         now = e.clock()
-        mapped, keys, records, actions = self.plan(rows, now, retrying=retrying)
+        mapped, keys, records, actions = self.plan(rows, now, retrying=retrying, mapped=mapped)
         sending = [i for i, action in enumerate(actions) if action is Action.PUSH]
         answers = e.pusher.submit([_payload(mapped[i]) for i in sending])
         return _Batch(rows, mapped, keys, records, actions, sending, answers, now)
@@ -572,6 +594,7 @@ class _Cycle:
         e = self.engine
         if self.watermark is None:
             return
+        self.find_deleted(min(e.settings.audit_rows, e.settings.batch_size))
         if e.source.spec.gap_free:
             settled = _settled(self.watermark, None, e._progress.reach_checked_at is not None)
         else:
@@ -603,28 +626,39 @@ class _Cycle:
             if after is None:
                 return
 
+    def find_deleted(self, size: int) -> None:
+        """Check the next slice of tracked users against the source, by key (one query each
+        side): those whose row is gone were deleted, and leave the sync."""
+        e = self.engine
+        keys = e.state.tracked_keys(e._tracked_after, size)
+        e._tracked_after = keys[-1] if len(keys) == size else None  # a short slice: wrap
+        typed = {}
+        for key in keys:
+            if not is_digest(key):  # a key recorded under its digest cannot be read back
+                with suppress(ValueError):  # nor can text that is no key of this column's type
+                    typed[key] = e.source.key_from_text(key)
+        rows = e.source.read_keys(list(typed.values()))
+        vanished = set(typed) - {status_key(row.key)[0] for row in rows}
+        if vanished:
+            log.warning("audit_found_deleted", sync=e.settings.name, users=len(vanished))
+            self.tally["audit_misses"] += len(vanished)
+            self.forget_vanished(vanished)
+
     def forget_vanished(self, keys: set[str]) -> None:
-        """Users due for a retry whose row is gone from the source are recorded as skipped."""
+        """Tracked users whose row is gone from the source have left the sync (a hard delete):
+        cleared in EngageLab with ``on_leave: clear``, and recorded as left either way."""
         if not keys:
             return
         e = self.engine
-        now = e.clock()
-        records = e.state.records(sorted(keys))
-        updates = []
-        for key, record in records.items():
-            # An empty hash matches no payload, so the row is pushed if it ever comes back.
-            mapped = Mapped(SourceRow(key, None, None, {}), _VANISHED, "", key)
-            update = settle(key, mapped, Action.SKIP, record, None, now, e.settings.retry)
-            assert update is not None
-            updates.append(update)
-        e.state.commit_page(updates, None, now)
-        self.tally["skipped"] += len(updates)
+        euids = e.state.euids(sorted(keys))
+        gone = [
+            leave(SourceRow(key, None, euid, {}), key, euid, VANISHED, e.settings.mapping)
+            for key, euid in euids.items()
+        ]
+        self.finish(self.send([], retrying=True, mapped=gone), retrying=True)
 
     def counts(self) -> RunCounts:
         return RunCounts(**{name: self.tally[name] for name in RunCounts.names()})
-
-
-_VANISHED = Skip("row no longer in the source")
 
 
 def _settled(after: Position | None, start: Any, swept: bool) -> Callable[[SourceRow], bool]:
@@ -646,7 +680,7 @@ def _settled(after: Position | None, start: Any, swept: bool) -> Callable[[Sourc
 def _payload(mapped: Mapped) -> Payload:
     result = mapped.result
     payload = result if isinstance(result, Payload) else result.clears
-    assert payload is not None, "decide() pushes only payloads and clears"
+    assert payload is not None, "decide() pushes only payloads and clearing requests"
     return payload
 
 
@@ -660,4 +694,5 @@ def _count_name(action: Action, status: Status | None, done: bool) -> str:
         Action.CONFIRM: "unchanged",
         Action.DEFER: "deferred",
         Action.SKIP: "skipped",
+        Action.LEAVE: "skipped",  # no call: counted with the other users not sent
     }[action]

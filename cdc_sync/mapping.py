@@ -36,23 +36,29 @@ class Policy:
     whose column is NULL or empty is sent as ``""``, which empties it in EngageLab
     (``engagelab.clear_empty``); without it, it is left out and EngageLab keeps what it had.
     ``normalise`` (``normalize``) puts phones and e-mail addresses in one form before they are
-    hashed, so a cosmetic edit in the source makes no call.
+    hashed, so a cosmetic edit in the source makes no call. A user who leaves the sync (see
+    :class:`Leave`) is sent ``""`` for every configured contact with ``on_leave="clear"``.
     """
 
     salt: str
     clear: bool = False
     normalise: Normalisation | None = None  # None: values are sent as they are (trimmed)
     value_limit: int = VALUE_LIMIT  # a longer contact value is refused
+    on_leave: Literal["keep", "clear"] = "keep"  # what a user who leaves the sync is sent
+    contact_keys: tuple[str, ...] = ()  # the configured contacts: what "clear" empties
 
 
 @dataclass(frozen=True, slots=True)
 class SourceRow:
-    """One user as read from the source: key, cursor, raw euid, raw contact values by key."""
+    """One user as read from the source: key, cursor, raw euid, raw contact values by key, and
+    the raw values of the consent and soft-delete columns (when configured)."""
 
     key: Any
     cursor: Any
     euid: Any
     contacts: Mapping[str, Any]
+    consent: Any = True
+    deleted: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,12 +90,32 @@ class Skip:
 
 
 @dataclass(frozen=True, slots=True)
+class Leave:
+    """The user has left the sync: consent withdrawn, soft-deleted, or gone from the source.
+
+    ``clears`` empties every configured contact (``engagelab.on_leave: clear``, and the euid
+    is known): sent only if EngageLab holds something cdc-sync pushed (see
+    :func:`rules.decide`). ``reason`` never holds contact values.
+    """
+
+    reason: str
+    euid: int | None = None
+    clears: Payload | None = None
+
+
+CONSENTED = frozenset({"true", "t", "yes", "y", "1", "on"})  # consent written as text
+NO_CONSENT = "consent withdrawn or never given (source.consent is not true)"
+SOFT_DELETED = "soft-deleted (source.deleted is set)"
+VANISHED = "deleted: the row is no longer in the source"
+
+
+@dataclass(frozen=True, slots=True)
 class Mapped:
-    """The result of mapping one row: a payload or a skip, the hash of what was mapped, and the
-    key as the status table holds it."""
+    """The result of mapping one row: a payload, a skip or a departure (:class:`Leave`), the
+    hash of what was mapped, and the key as the status table holds it."""
 
     row: SourceRow
-    result: Payload | Skip
+    result: Payload | Skip | Leave
     hash: str
     key: str
 
@@ -239,14 +265,23 @@ def status_key(key: Any) -> tuple[str, str | None]:
     return digest, f"{problem}: recorded under its SHA-256 digest, not pushed"
 
 
+def is_digest(key: str) -> bool:
+    """Whether a status-table key is the digest :func:`status_key` records a refused key under."""
+    return key.startswith("sha256:") and len(key) == 71
+
+
 def map_row(row: SourceRow, policy: Policy) -> Mapped:
     """Map one source row as ``policy`` says (see :class:`Policy`).
 
     Never raises: a value that cannot be sent is the row's skip reason.
     """
     key, key_problem = status_key(row.key)
-    contacts, problem = clean_contacts(row.contacts, policy)
     euid = parse_euid(row.euid)
+    if key_problem is None:
+        leaving = _leaving(row)
+        if leaving is not None:
+            return leave(row, key, None if isinstance(euid, str) else euid, leaving, policy)
+    contacts, problem = clean_contacts(row.contacts, policy)
     if policy.clear:
         contacts = {name: contacts.get(name, "") for name in sorted(row.contacts)}
     result: Payload | Skip
@@ -267,6 +302,31 @@ def map_row(row: SourceRow, policy: Policy) -> Mapped:
         result = Payload(euid, contacts)
         hashed_euid = euid
     return Mapped(row, result, payload_hash(policy.salt, hashed_euid, contacts), key)
+
+
+def leave(row: SourceRow, key: str, euid: int | None, reason: str, policy: Policy) -> Mapped:
+    """A user who left the sync for ``reason``: what they are sent, hashed apart from any
+    payload, so they are recorded once and not pushed again until their row changes back."""
+    clears = None
+    keys = policy.contact_keys or tuple(sorted(row.contacts))
+    if policy.on_leave == "clear" and euid is not None and keys:
+        clears = Payload(euid, dict.fromkeys(keys, ""))
+    hashed = payload_hash(policy.salt, f"left:{euid}:{reason}", clears.contacts if clears else {})
+    return Mapped(row, Leave(reason, euid, clears), hashed, key)
+
+
+def _leaving(row: SourceRow) -> str | None:
+    """Why a row's user is out of the sync, or None (the common case: two comparisons)."""
+    if row.deleted is not None:
+        return SOFT_DELETED
+    consent = row.consent
+    if consent is True:
+        return None
+    if isinstance(consent, int | Decimal) and not isinstance(consent, bool) and consent == 1:
+        return None
+    if isinstance(consent, str) and consent.strip().lower() in CONSENTED:
+        return None
+    return NO_CONSENT
 
 
 def payload_hash(salt: str, euid: int | str, contacts: Mapping[str, str]) -> str:

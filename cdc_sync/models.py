@@ -94,7 +94,9 @@ sync_status = Table(
     Column("sync_name", String(64), primary_key=True),
     Column("source_key", String(256), primary_key=True),
     Column("euid", BigInteger),
-    Column("status", String(16), nullable=False, comment="synced | retrying | failed | skipped"),
+    Column(
+        "status", String(16), nullable=False, comment="synced | retrying | failed | skipped | left"
+    ),
     Column("pushed_hash", String(64), comment="hash of the last payload EngageLab accepted"),
     Column("attempted_hash", String(64), comment="hash of the payload of the last outcome"),
     Column("attempts", Integer, nullable=False, server_default="0"),

@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from cdc_sync.engagelab import ApiResult, Verdict
-from cdc_sync.mapping import Mapped, Skip
+from cdc_sync.mapping import Leave, Mapped, Skip
 from cdc_sync.redact import clean, digits
 
 CODE_MIN, CODE_MAX = -(2**31), 2**31 - 1  # the range of cdc_sync_status.last_code
@@ -31,6 +31,7 @@ class Status(StrEnum):
     RETRYING = "retrying"  # a transient failure; tried again at ``next_attempt_at``
     FAILED = "failed"  # a permanent failure, or too many transient ones; waits for a change
     SKIPPED = "skipped"  # nothing to push (bad euid, no contacts); waits for a change
+    LEFT = "left"  # out of the sync (consent withdrawn, deleted); cleared if on_leave is clear
 
 
 class Action(StrEnum):
@@ -41,6 +42,7 @@ class Action(StrEnum):
     DEFER = "defer"  # a retry is pending and not due; the retry queue will send it
     SKIP = "skip"  # record why it is not sent, no call
     CONFIRM = "confirm"  # the row came back to what EngageLab already holds: mark synced, no call
+    LEAVE = "leave"  # the user left the sync and nothing is to be cleared: record it, no call
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +87,14 @@ def decide(
 ) -> Action:
     """What to do with a row. ``retrying`` is set when the row was re-read for a due retry."""
     h = mapped.hash
-    if isinstance(mapped.result, Skip):
+    if isinstance(mapped.result, Leave):
+        if record is not None and record.status is Status.LEFT and record.attempted_hash == h:
+            return Action.UNCHANGED
+        holds_values = record is not None and record.pushed_hash not in (None, h)
+        if mapped.result.clears is None or not holds_values:
+            return Action.LEAVE
+        # on_leave is clear and EngageLab holds what cdc-sync pushed: empty it, as a push.
+    elif isinstance(mapped.result, Skip):
         holds_values = record is not None and record.pushed_hash not in (None, h)
         if mapped.result.clears is None or not holds_values:
             if record and record.status is Status.SKIPPED and record.attempted_hash == h:
@@ -141,6 +150,10 @@ def settle(
         assert isinstance(mapped.result, Skip)
         reason = clean(mapped.result.reason)
         return Update(key, euid, Status.SKIPPED, pushed, h, 0, None, reason, None, None, None)
+    if action is Action.LEAVE:
+        assert isinstance(mapped.result, Leave)
+        reason = clean(mapped.result.reason)
+        return Update(key, euid, Status.LEFT, pushed, h, 0, None, reason, None, None, None)
     if action is Action.CONFIRM:
         return Update(
             key,
@@ -160,6 +173,9 @@ def settle(
     prior = record.attempts if record and record.attempted_hash == h else 0
     code, message = stored_answer(result)
     if result.verdict is Verdict.SUCCESS:
+        if isinstance(mapped.result, Leave):  # the clearing request of a user who left
+            message = clean(f"{mapped.result.reason}; contacts cleared in EngageLab")
+            return Update(key, euid, Status.LEFT, h, h, 0, code, message, now, now, None)
         return Update(key, euid, Status.SYNCED, h, h, 0, code, message, now, now, None)
     attempts = prior + 1
     if result.verdict is Verdict.TRANSIENT and attempts < policy.max_attempts:

@@ -149,6 +149,8 @@ class SourceSpec:
     schema: str | None = None
     statement_timeout: timedelta = timedelta(seconds=30)
     cursor_mode: str = "timestamp"  # or "xid8": gap-free, see page_query
+    consent: str | None = None  # a column that is true while the user consents
+    deleted: str | None = None  # a column that is set (not NULL) once the user is deleted
 
     @property
     def gap_free(self) -> bool:
@@ -161,6 +163,7 @@ class SourceSpec:
     def columns(self) -> list[str]:
         """Every column read, each once, in a stable order."""
         names = [self.key, self.cursor, self.euid, *self.contacts.values()]
+        names += [name for name in (self.consent, self.deleted) if name is not None]
         return list(dict.fromkeys(names))
 
 
@@ -624,8 +627,22 @@ class Source:
         at = {name: index for index, name in enumerate(spec.columns())}
         key, cursor, euid = at[spec.key], at[spec.cursor], at[spec.euid]
         contacts = [(k, at[column]) for k, column in spec.contacts.items()]
+        if spec.consent is None and spec.deleted is None:
+            return [
+                SourceRow(row[key], row[cursor], row[euid], {k: row[i] for k, i in contacts})
+                for row in rows
+            ]
+        consent = None if spec.consent is None else at[spec.consent]
+        deleted = None if spec.deleted is None else at[spec.deleted]
         return [
-            SourceRow(row[key], row[cursor], row[euid], {k: row[i] for k, i in contacts})
+            SourceRow(
+                row[key],
+                row[cursor],
+                row[euid],
+                {k: row[i] for k, i in contacts},
+                True if consent is None else row[consent],
+                None if deleted is None else row[deleted],
+            )
             for row in rows
         ]
 

@@ -451,6 +451,27 @@ class StateStore:
         with self._connect() as connection:
             return list(connection.scalars(query))
 
+    def euids(self, keys: Sequence[str]) -> dict[str, int | None]:
+        """The euid last recorded for each of ``keys`` that has a status row."""
+        c = sync_status.c
+        query = select(c.source_key, c.euid).where(
+            c.sync_name == self.sync_name, c.source_key.in_(keys)
+        )
+        with self._connect() as connection:
+            return {key: euid for key, euid in connection.execute(query)}
+
+    def tracked_keys(self, after: str | None, limit: int) -> list[str]:
+        """Keys of users still in the sync (not ``left``) after ``after``, in key order: the
+        audit checks each slice against the source to find hard deletes."""
+        c = sync_status.c
+        query = select(c.source_key).where(
+            c.sync_name == self.sync_name, c.status != Status.LEFT.value
+        )
+        if after is not None:
+            query = query.where(c.source_key > after)
+        with self._connect() as connection:
+            return list(connection.scalars(query.order_by(c.source_key).limit(limit)))
+
     # -- writes ---------------------------------------------------------------------------
 
     def commit_page(

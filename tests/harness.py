@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import create_engine
 from userdb import CONTACT_COLUMNS, UserDb
@@ -70,6 +70,7 @@ class World:
         self.batch_size = 10
         self.audit_rows = 0
         self.clear = False
+        self.on_leave: Literal["keep", "clear"] = "keep"
 
     def engine(self, client: EngageLabClient | None = None) -> Engine:
         spec = SourceSpec(
@@ -86,7 +87,9 @@ class World:
             self.batch_size,
             self.lookback,
             retry,
-            Policy("users", self.clear),
+            Policy(
+                "users", self.clear, on_leave=self.on_leave, contact_keys=tuple(CONTACT_COLUMNS)
+            ),
             self.audit_rows,
         )
         return Engine(

@@ -260,6 +260,10 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
          "'mobile_phone', 'landline_phone' or 'whatsapp_phone'"),
         ("normalize.phone_formats", {"whatsapp_phone": "digits"}, "normalize.phone_formats", None),
         ("normalize.email", True, "normalize.email", "did you mean 'emails'?"),
+        ("source.consent", "", "source.consent", "must not be empty"),
+        ("source.deleted", "deleted_at", "source.deleted", None),
+        ("engagelab.on_leave", "CLEAR", "engagelab.on_leave", None),
+        ("engagelab.on_leave", "delete", "engagelab.on_leave", "'keep' or 'clear'"),
     ],
 )
 def test_invalid_values_name_their_key_path(

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from test_cli import Sync, cdc_sync
-from userdb import UserDb, write_config
+from userdb import CONTACT_COLUMNS, UserDb, write_config
 
+from cdc_sync.cli import state_engine
 from cdc_sync.emulator import EmulatorServer
+from cdc_sync.state import StateStore
 
 NORMALIZE = {"emails": True, "phones": True}
 
@@ -115,3 +119,107 @@ def test_check_counts_the_users_turning_normalisation_on_would_push(sync: Sync) 
     assert sync.requests() == before + 2
     assert sync.emulator.contacts[1006] == {"email": "Mixed@example.com"}
     assert sync.emulator.contacts[1007] == {"email": "x@y.org", "mobile_phone": "+819012345678"}
+
+
+# -- leaving the sync -------------------------------------------------------------------------
+
+LEAVE_COLUMNS = """
+ALTER TABLE users ADD COLUMN consent boolean DEFAULT true;
+ALTER TABLE users ADD COLUMN deleted_at timestamptz;
+"""
+
+
+def sql(users: UserDb, statement: str) -> None:
+    with users.engine.begin() as connection:
+        connection.exec_driver_sql(statement)
+
+
+def status_of(sync: Sync, key: int) -> dict[str, Any]:
+    state_url = yaml.safe_load(sync.config.read_text())["state"]["url"]
+    store = StateStore(state_engine(state_url), "users")
+    try:
+        found = store.status_of(str(key))
+    finally:
+        store.engine.dispose()
+    assert found is not None, f"user {key} has no status row"
+    return found
+
+
+@pytest.mark.parametrize("on_leave", ["keep", "clear"])
+def test_users_who_leave_are_cleared_or_kept_and_recorded_as_left(
+    sync: Sync, on_leave: str
+) -> None:
+    """A user who withdraws consent, is soft-deleted or is deleted is emptied in EngageLab with
+    ``on_leave: clear`` and left as is with ``keep``; both record them as ``left`` with the
+    reason, and none of them is pushed again."""
+    sql(sync.users, LEAVE_COLUMNS)
+    sync.write(
+        source={"consent": "consent", "deleted": "deleted_at"},
+        engagelab={"on_leave": on_leave},
+        audit={"enabled": True},
+    )
+    sync.users.add_users(range(1, 5), mobile="+819012345678")
+    once(sync)
+    held = sync.emulator.contacts
+    sql(sync.users, "UPDATE users SET consent = false, updated_at = now() WHERE id = 1")
+    sql(sync.users, "UPDATE users SET deleted_at = now(), updated_at = now() WHERE id = 2")
+    sql(sync.users, "DELETE FROM users WHERE id = 3")
+    before = sync.requests()
+
+    once(sync)
+
+    cleared = dict.fromkeys(CONTACT_COLUMNS, "")  # every configured contact
+    if on_leave == "clear":
+        assert sync.requests() == before + 3
+        for euid in (1001, 1002, 1003):
+            assert sync.emulator.received(euid)[-1] == cleared
+            assert sync.emulator.contacts.get(euid, {}) == {}
+    else:
+        assert sync.requests() == before
+        assert sync.emulator.contacts == held
+    assert sync.emulator.contacts[1004] == held[1004]
+    reasons = {key: status_of(sync, key) for key in (1, 2, 3)}
+    assert {key: row["status"] for key, row in reasons.items()} == {1: "left", 2: "left", 3: "left"}
+    assert "consent" in reasons[1]["last_message"]
+    assert "soft-deleted" in reasons[2]["last_message"]
+    assert "no longer in the source" in reasons[3]["last_message"]
+    settled = sync.requests()
+
+    once(sync)
+
+    assert sync.requests() == settled
+
+
+@pytest.mark.parametrize("on_leave", ["keep", "clear"])
+def test_a_user_who_comes_back_is_pushed_again_only_if_cleared(sync: Sync, on_leave: str) -> None:
+    """A user who consents again is synced again: pushed anew where their contacts were
+    cleared, confirmed without a call where EngageLab kept them."""
+    sql(sync.users, LEAVE_COLUMNS)
+    sync.write(source={"consent": "consent"}, engagelab={"on_leave": on_leave})
+    sync.users.add_users([1])
+    once(sync)
+    sql(sync.users, "UPDATE users SET consent = false, updated_at = now() WHERE id = 1")
+    once(sync)
+    before = sync.requests()
+
+    sql(sync.users, "UPDATE users SET consent = true, updated_at = now() WHERE id = 1")
+    once(sync)
+
+    assert sync.requests() == before + (1 if on_leave == "clear" else 0)
+    assert sync.emulator.contacts[1001] == {"email": "user1@example.com"}
+    assert status_of(sync, 1)["status"] == "synced"
+
+
+def test_a_user_who_never_consented_is_never_pushed(sync: Sync) -> None:
+    """Rows whose consent column is false or NULL make no call and are recorded as left."""
+    sql(sync.users, LEAVE_COLUMNS)
+    sync.write(source={"consent": "consent"}, engagelab={"on_leave": "clear"})
+    sync.users.add_users([1, 2, 3])
+    sql(sync.users, "UPDATE users SET consent = NULL WHERE id = 1")
+    sql(sync.users, "UPDATE users SET consent = false WHERE id = 2")
+
+    once(sync)
+
+    assert sync.requests() == 1
+    assert set(sync.emulator.contacts) == {1003}
+    assert status_of(sync, 1)["status"] == status_of(sync, 2)["status"] == "left"

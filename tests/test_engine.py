@@ -10,11 +10,13 @@ import pytest
 from harness import World, wait_for
 from sqlalchemy import Engine as SqlEngine
 from sqlalchemy import event, select
+from userdb import CONTACT_COLUMNS
 
 from cdc_sync.emulator import Faults
 from cdc_sync.engagelab import MAX_RETRY_AFTER, EngageLabClient
 from cdc_sync.engine import Stop
 from cdc_sync.errors import FatalApiError
+from cdc_sync.mapping import VANISHED
 from cdc_sync.models import sync_runs
 
 
@@ -177,8 +179,8 @@ def test_newer_change_supersedes_a_pending_retry(world: World) -> None:
     assert (world.status(2).status, world.status(2).attempts) == ("synced", 0)
 
 
-def test_retry_of_a_deleted_row_is_recorded_as_skipped(world: World) -> None:
-    """A user whose row disappears while a retry is pending is skipped, not retried forever."""
+def test_retry_of_a_deleted_row_is_recorded_as_left(world: World) -> None:
+    """A user whose row disappears while a retry is pending has left, and is not retried."""
     world.lookback = timedelta(0)
     world.users.add_users(range(1, 4))
     world.emulator.set_faults(Faults(fail_codes={1002: -1}))
@@ -190,7 +192,34 @@ def test_retry_of_a_deleted_row_is_recorded_as_skipped(world: World) -> None:
     world.cycle()
 
     status = world.status(2)
-    assert (status.status, status.last_message) == ("skipped", "row no longer in the source")
+    assert (status.status, status.last_message) == ("left", VANISHED)
+    assert world.emulator.received(1002) == []  # nothing of it reached EngageLab: nothing to clear
+
+
+def test_retry_of_a_deleted_row_clears_what_was_pushed_with_on_leave_clear(world: World) -> None:
+    """With on_leave clear, a user deleted while a retry is pending is sent "" for every
+    configured contact, once, and recorded as left."""
+    world.lookback, world.on_leave = timedelta(0), "clear"
+    world.users.add_users([1, 2])
+    world.cycle()
+    world.emulator.set_faults(Faults(fail_codes={1002: -1}))
+    world.users.change(2, email="new2@example.com")
+    world.cycle()
+    world.emulator.set_faults(Faults())
+    with world.users.engine.begin() as connection:
+        connection.execute(world.users.table.delete().where(world.users.table.c.id == 2))
+    world.clock.now += timedelta(minutes=1)
+
+    world.cycle()
+    world.clock.now += timedelta(hours=1)
+    world.cycle()
+
+    cleared = dict.fromkeys(CONTACT_COLUMNS, "")
+    assert world.emulator.received(1002)[-1] == cleared
+    assert [c for c in world.emulator.received(1002) if c == cleared] == [cleared]
+    assert 1002 not in world.emulator.contacts or world.emulator.contacts[1002] == {}
+    assert world.status(2).status == "left"
+    assert world.status(1).status == "synced"
 
 
 def test_permanent_failure_waits_for_the_row_to_change(world: World) -> None:

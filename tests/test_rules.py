@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cdc_sync.engagelab import ApiResult, Verdict
-from cdc_sync.mapping import Policy, SourceRow, map_row
+from cdc_sync.mapping import Payload, Policy, SourceRow, map_row
 from cdc_sync.rules import (
     Action,
     Position,
@@ -309,3 +309,56 @@ def test_reread_from_reaches_every_row_that_may_be_new(mark, lookback, seen, row
     anchor = mark[0] if seen is None else seen
     if row > mark or row[0] >= anchor - lookback:
         assert read
+
+
+LEAVE_KEEP = map_row(SourceRow(1, 1, 7, {"email": "a@b.c"}, consent=False), Policy("s"))
+LEAVE_CLEAR = map_row(
+    SourceRow(1, 1, 7, {"email": "a@b.c"}, deleted="2026-12-01"), Policy("s", on_leave="clear")
+)
+LK, LC = LEAVE_KEEP.hash, LEAVE_CLEAR.hash
+
+
+@pytest.mark.parametrize(
+    ("mapped", "record", "expected"),
+    [
+        (LEAVE_KEEP, None, Action.LEAVE),  # never pushed: recorded, no call
+        (LEAVE_KEEP, rec(Status.SYNCED, H, H), Action.LEAVE),  # keep: EngageLab keeps it
+        (LEAVE_KEEP, rec(Status.LEFT, H, LK), Action.UNCHANGED),
+        (LEAVE_CLEAR, None, Action.LEAVE),  # nothing cdc-sync pushed to clear
+        (LEAVE_CLEAR, rec(Status.SKIPPED, None, S), Action.LEAVE),
+        (LEAVE_CLEAR, rec(Status.SYNCED, H, H), Action.PUSH),  # empty what it holds
+        (LEAVE_CLEAR, rec(Status.LEFT, LC, LC), Action.UNCHANGED),  # cleared already
+        (LEAVE_CLEAR, rec(Status.RETRYING, H, LC, 1, LATER), Action.DEFER),
+        (LEAVE_CLEAR, rec(Status.FAILED, H, LC, 1), Action.UNCHANGED),
+        (PUSHABLE, rec(Status.LEFT, H, LK), Action.CONFIRM),  # back; EngageLab kept it
+        (PUSHABLE, rec(Status.LEFT, LC, LC), Action.PUSH),  # back after a clear
+    ],
+)
+def test_decide_for_users_who_leave(mapped, record, expected) -> None:  # type: ignore[no-untyped-def]
+    """A user who left is recorded without a call unless cdc-sync pushed something to clear,
+    is never pushed twice for the same departure, and comes back as a change."""
+    assert decide(mapped, record, NOW) is expected
+
+
+def test_leaving_is_recorded_as_left_with_the_reason() -> None:
+    """Leaving without a call and a clearing request accepted both record ``left``; the hash
+    of the clearing request is what EngageLab now holds."""
+    quiet = settle("1", LEAVE_KEEP, Action.LEAVE, rec(Status.SYNCED, H, H), None, NOW, POLICY)
+    cleared = settle("1", LEAVE_CLEAR, Action.PUSH, rec(Status.SYNCED, H, H), OK, NOW, POLICY)
+    refused = settle("1", LEAVE_CLEAR, Action.PUSH, rec(Status.SYNCED, H, H), BAD, NOW, POLICY)
+
+    assert quiet is not None and cleared is not None and refused is not None
+    assert (quiet.status, quiet.pushed_hash, quiet.attempted_hash) == (Status.LEFT, H, LK)
+    assert quiet.last_message.startswith("consent withdrawn")
+    assert (cleared.status, cleared.pushed_hash) == (Status.LEFT, LC)
+    assert cleared.last_message.startswith("soft-deleted") and "cleared" in cleared.last_message
+    assert refused.status is Status.FAILED
+
+
+def test_a_clearing_request_empties_every_configured_contact() -> None:
+    """With ``on_leave: clear`` the request sets ``""`` for each configured contact key."""
+    policy = Policy("s", on_leave="clear", contact_keys=("email", "mobile_phone"))
+
+    mapped = map_row(SourceRow(1, 1, 7, {"email": "a@b.c"}, consent="no"), policy)
+
+    assert mapped.result.clears == Payload(7, {"email": "", "mobile_phone": ""})  # type: ignore[union-attr]
