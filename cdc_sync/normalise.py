@@ -97,7 +97,20 @@ def phone(text: str, region: str | None, form: PhoneFormat = "e164") -> str | Re
     if not phonenumbers.is_possible_number(number):
         return Refused("is not a possible phone number (wrong length for its country)")
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    if not _reads_back(e164):
+        return Refused("is not a phone number E.164 can write (it would read back as another)")
     return e164 if form == "e164" else e164[1:]
+
+
+def _reads_back(e164: str) -> bool:
+    """Whether ``e164`` parses back to itself, a possible number: so normalising is idempotent
+    even for numbers such as all zeros, whose national leading zeros E.164 cannot carry."""
+    try:
+        again = phonenumbers.parse(e164, None)
+    except phonenumbers.NumberParseException:
+        return False
+    same = phonenumbers.format_number(again, phonenumbers.PhoneNumberFormat.E164) == e164
+    return same and phonenumbers.is_possible_number(again)
 
 
 @functools.lru_cache(maxsize=CACHED)

@@ -50,6 +50,11 @@ def test_national_and_international_phones_become_e164(
         ("090-1234-5678", None, "has no country code, and normalize.phone_region is not set"),
         ("+999 1234 5678", None, "has a country code that does not exist"),
         ("090-1234-5678-9999-1234", "JP", "is too long to be a phone number"),
+        (
+            "0000000000",
+            "JP",
+            "is not a phone number E.164 can write (it would read back as another)",
+        ),
     ],
 )
 def test_impossible_phones_are_refused_with_a_reason(
