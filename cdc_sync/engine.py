@@ -163,9 +163,6 @@ class Engine:
         # The operator epoch these were read under: an operator's command bumps it (retry,
         # resync, reset-watermark), and the next cycle then reads them all again.
         self._epoch: int | None = None
-        # Where the audit's check of tracked users against the source resumes. In memory only:
-        # a new process starts that sweep from the first key again.
-        self._tracked_after: str | None = None
 
     def begin_tenure(self) -> None:
         """The lock was (re)acquired: another instance may have run meanwhile, so what this
@@ -630,8 +627,8 @@ class _Cycle:
         """Check the next slice of tracked users against the source, by key (one query each
         side): those whose row is gone were deleted, and leave the sync."""
         e = self.engine
-        keys = e.state.tracked_keys(e._tracked_after, size)
-        e._tracked_after = keys[-1] if len(keys) == size else None  # a short slice: wrap
+        keys = e.state.tracked_keys(e.state.tracked_position(), size)
+        e.state.store_tracked_position(keys[-1] if len(keys) == size else None, e.clock())
         typed = {}
         for key in keys:
             if not is_digest(key):  # a key recorded under its digest cannot be read back

@@ -64,6 +64,7 @@ sync_state = Table(
     Column("cursor_value", Text, comment="watermark cursor, type-tagged text"),
     Column("key_value", Text, comment="watermark key, type-tagged text"),
     Column("audit_key", Text, comment="where the audit sweep resumes, type-tagged text"),
+    Column("tracked_key", Text, comment="where the audit's check for deleted rows resumes"),
     Column("updated_at", UtcDateTime, nullable=False),
     Column("horizon_value", Text, comment="what the read behind the watermark saw, type-tagged"),
     Column("reach_key", Text, comment="where the sweep of rows outside the cursor's reach resumes"),

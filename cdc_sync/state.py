@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 # Every migration in migrations/versions, oldest first (a test holds them to alembic's own view).
-REVISIONS = ("0001", "0002", "0003", "0004")
+REVISIONS = ("0001", "0002", "0003", "0004", "0005")
 SCHEMA_HEAD = REVISIONS[-1]
 
 SHARED_VERSION_TABLE = "alembic_version"
@@ -729,6 +729,19 @@ class StateStore:
                 select(sync_state.c.audit_key).where(sync_state.c.sync_name == self.sync_name)
             )
         return None if text is None else decode_value(text)
+
+    def tracked_position(self) -> str | None:
+        """The status key after which the audit's check for deleted rows resumes."""
+        with self._connect() as connection:
+            key: str | None = connection.scalar(
+                select(sync_state.c.tracked_key).where(sync_state.c.sync_name == self.sync_name)
+            )
+        return key
+
+    def store_tracked_position(self, key: str | None, now: datetime) -> None:
+        """Where the next check for deleted rows starts (None: at the first key again)."""
+        with self._transaction() as connection:
+            self._store_state(connection, now, tracked_key=key)
 
     def requeue(
         self, keys: Sequence[str], euids: Sequence[int | None], now: datetime, audit_key: Any

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -14,7 +13,7 @@ from userdb import CONTACT_COLUMNS, UserDb, write_config
 
 from cdc_sync.cli import state_engine
 from cdc_sync.emulator import EmulatorServer
-from cdc_sync.state import StateStore
+from cdc_sync.state import StateStore, UserStatus
 
 NORMALIZE = {"emails": True, "phones": True}
 
@@ -134,7 +133,7 @@ def sql(users: UserDb, statement: str) -> None:
         connection.exec_driver_sql(statement)
 
 
-def status_of(sync: Sync, key: int) -> dict[str, Any]:
+def status_of(sync: Sync, key: int) -> UserStatus:
     state_url = yaml.safe_load(sync.config.read_text())["state"]["url"]
     store = StateStore(state_engine(state_url), "users")
     try:
@@ -179,10 +178,10 @@ def test_users_who_leave_are_cleared_or_kept_and_recorded_as_left(
         assert sync.emulator.contacts == held
     assert sync.emulator.contacts[1004] == held[1004]
     reasons = {key: status_of(sync, key) for key in (1, 2, 3)}
-    assert {key: row["status"] for key, row in reasons.items()} == {1: "left", 2: "left", 3: "left"}
-    assert "consent" in reasons[1]["last_message"]
-    assert "soft-deleted" in reasons[2]["last_message"]
-    assert "no longer in the source" in reasons[3]["last_message"]
+    assert {key: row.status for key, row in reasons.items()} == {1: "left", 2: "left", 3: "left"}
+    assert "consent" in (reasons[1].last_message or "")
+    assert "soft-deleted" in (reasons[2].last_message or "")
+    assert "no longer in the source" in (reasons[3].last_message or "")
     settled = sync.requests()
 
     once(sync)
@@ -207,7 +206,7 @@ def test_a_user_who_comes_back_is_pushed_again_only_if_cleared(sync: Sync, on_le
 
     assert sync.requests() == before + (1 if on_leave == "clear" else 0)
     assert sync.emulator.contacts[1001] == {"email": "user1@example.com"}
-    assert status_of(sync, 1)["status"] == "synced"
+    assert status_of(sync, 1).status == "synced"
 
 
 def test_a_user_who_never_consented_is_never_pushed(sync: Sync) -> None:
@@ -222,4 +221,20 @@ def test_a_user_who_never_consented_is_never_pushed(sync: Sync) -> None:
 
     assert sync.requests() == 1
     assert set(sync.emulator.contacts) == {1003}
-    assert status_of(sync, 1)["status"] == status_of(sync, 2)["status"] == "left"
+    assert status_of(sync, 1).status == status_of(sync, 2).status == "left"
+
+
+def test_the_check_for_deleted_rows_resumes_where_the_last_process_stopped(sync: Sync) -> None:
+    """Each ``once`` checks the next slice of tracked users for deleted rows, not the first
+    slice again, so a deletion far into the table is found by successive processes."""
+    sync.write(audit={"enabled": True, "rows_per_cycle": 2}, engagelab={"on_leave": "clear"})
+    sync.users.add_users(range(1, 7))
+    once(sync)  # pushes all six; the check covers users 1 and 2
+    sql(sync.users, "DELETE FROM users WHERE id = 5")
+
+    once(sync)  # users 3 and 4
+    assert status_of(sync, 5).status == "synced"
+    once(sync)  # users 5 and 6
+
+    assert status_of(sync, 5).status == "left"
+    assert sync.emulator.received(1005)[-1] == dict.fromkeys(CONTACT_COLUMNS, "")

@@ -1,7 +1,7 @@
-"""The status column's comment names the status of a user who left the sync.
+"""Where the audit's check for deleted rows resumes; the status comment names ``left``.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-01
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004"
-down_revision: str | None = "0003"
+revision: str = "0005"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -20,11 +20,21 @@ AFTER = "synced | retrying | failed | skipped | left"
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("cdc_sync_state") as table:
+        table.add_column(
+            sa.Column(
+                "tracked_key",
+                sa.Text(),
+                comment="where the audit's check for deleted rows resumes",
+            )
+        )
     _comment(AFTER, BEFORE)
 
 
 def downgrade() -> None:
     _comment(BEFORE, AFTER)
+    with op.batch_alter_table("cdc_sync_state") as table:
+        table.drop_column("tracked_key")
 
 
 def _comment(comment: str, existing: str) -> None:
