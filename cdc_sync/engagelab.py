@@ -1,8 +1,9 @@
 """The EngageLab MA client: one pure classification of every answer, and the I/O around it.
 
 :func:`classify` turns an HTTP status and body into a :class:`Verdict`; nothing else in cdc-sync
-looks at status codes or API codes. :class:`EngageLabClient` pushes batches of payloads with a
-bounded number of requests in flight, paced by :mod:`cdc_sync.pacing`, from synchronous code.
+looks at status codes or API codes. :class:`EngageLabClient` sends batches of :class:`Call` s
+(a request and how to read its answer, whichever endpoint it is for) with a bounded number of
+requests in flight, paced by :mod:`cdc_sync.pacing`, from synchronous code.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import httpx
 
@@ -30,6 +31,7 @@ from cdc_sync.redact import REPLY_LIMIT, redact
 from cdc_sync.transport import CertificateError, Http1Transport, ProxyRefused
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 CONTACT_PATH = "/v1/user/contact"
 
@@ -76,18 +78,33 @@ class ApiResult:
     throttled: bool = False
 
 
-@dataclass(eq=False)
-class _Batch:
-    """Payloads submitted together, their results so far, and the future that delivers them."""
+@dataclass(frozen=True, slots=True)
+class Call(Generic[R]):
+    """One request and how to read its answer; the client sends it without knowing which it is.
 
-    payloads: Sequence[Payload]
-    results: list[ApiResult | None] = field(init=False)
+    ``read`` turns the classified answer and the body into the caller's result (a transport
+    failure reads as its TRANSIENT or FATAL result and an empty body). ``sent`` holds the
+    values the request carried, which an answer's message must not repeat (see :func:`classify`).
+    """
+
+    url: httpx.URL
+    body: bytes
+    read: Callable[[ApiResult, bytes], R]
+    sent: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Submission(Generic[R]):
+    """Calls submitted together, their results so far, and the future that delivers them."""
+
+    calls: Sequence[Call[R]]
+    results: list[R | None] = field(init=False)
     left: int = field(init=False)
-    done: Future[list[ApiResult | None]] = field(init=False, default_factory=Future)
+    done: Future[list[R | None]] = field(init=False, default_factory=Future)
 
     def __post_init__(self) -> None:
-        self.results = [None] * len(self.payloads)
-        self.left = len(self.payloads)
+        self.results = [None] * len(self.calls)
+        self.left = len(self.calls)
 
 
 @dataclass(frozen=True)
@@ -194,13 +211,14 @@ def _parse_body(body: bytes) -> tuple[int | None, str]:
 
 
 class EngageLabClient:
-    """Pushes payloads to ``POST /v1/user/contact`` from synchronous code.
+    """Sends calls to EngageLab (``POST /v1/user/contact`` and the like) from synchronous code.
 
     It owns a private event loop thread, so the connection pool stays warm across pages and
     cycles. At most ``concurrency`` requests are in flight across every batch submitted, all
-    paced by one :class:`~cdc_sync.pacing.Pacer`, and batches go out in the order submitted.
-    After a FATAL answer (every further request would be refused too) or :meth:`cancel`, no
-    request starts until :meth:`resume`.
+    paced by one :class:`~cdc_sync.pacing.Pacer` and classified by one :func:`classify`, and
+    batches go out in the order submitted, whichever endpoint their calls are for. After a
+    FATAL answer to any call (every further request would be refused too) or :meth:`cancel`,
+    no request starts until :meth:`resume`.
     """
 
     def __init__(
@@ -217,14 +235,15 @@ class EngageLabClient:
         proxies: Proxies | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.url = base_url.rstrip("/") + CONTACT_PATH
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + CONTACT_PATH
         self.policy = policy
         self.pacer = Pacer(rate_limit, clock)
         token = base64.b64encode(f"{api_key}:{api_secret}".encode()).decode()
         self._headers = httpx.Headers(
             {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
         )
-        self._url = httpx.URL(self.url)
+        self._contact_url = httpx.URL(self.url)
         # The transport is called directly, not through httpx.AsyncClient: the client's
         # machinery (auth flows, cookies, redirects, hooks) is unused here and measured at about
         # 0.4 ms of CPU per request, as much as everything else a push costs together.
@@ -237,8 +256,8 @@ class EngageLabClient:
         # One queue for every batch, served in order by `concurrency` workers: a page's
         # requests all start before the next page's, so pages finish in the order they are
         # recorded, and the next page's requests are in flight while one is being recorded.
-        self._queue: asyncio.Queue[tuple[_Batch, int]] = asyncio.Queue()
-        self._batches: set[_Batch] = set()
+        self._queue: asyncio.Queue[tuple[_Submission[Any], int]] = asyncio.Queue()
+        self._batches: set[_Submission[Any]] = set()
 
         async def start_workers() -> list[asyncio.Task[None]]:
             return [asyncio.create_task(self._work()) for _ in range(concurrency)]
@@ -248,13 +267,26 @@ class EngageLabClient:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
+    def endpoint(self, path: str) -> httpx.URL:
+        """The URL of an API path (``/v1/user/register``) on this client's base URL."""
+        return httpx.URL(self.base_url + path)
+
+    def contact(self, payload: Payload) -> Call[ApiResult]:
+        """The ``POST /v1/user/contact`` call that pushes one payload; its result is the answer."""
+        body = json.dumps(payload.body(), separators=(",", ":"), ensure_ascii=False).encode()
+        return Call(self._contact_url, body, _answer, payload.contacts)
+
     def submit(self, payloads: Sequence[Payload]) -> Future[list[ApiResult | None]]:
-        """Start pushing a batch; its results come back in order, ``None`` for any not sent.
+        """Start pushing a batch of payloads (see :meth:`submit_calls`)."""
+        return self.submit_calls([self.contact(payload) for payload in payloads])
+
+    def submit_calls(self, calls: Sequence[Call[R]]) -> Future[list[R | None]]:
+        """Start sending a batch; its results come back in order, ``None`` for any not sent.
 
         Batches are sent in the order they are submitted, each after the one before it.
         """
-        batch = _Batch(payloads)
-        if payloads:  # an idle page has nothing to queue: no trip through the loop thread
+        batch = _Submission(calls)
+        if calls:  # an idle page has nothing to queue: no trip through the loop thread
             self._loop.call_soon_threadsafe(self._enqueue, batch)
         else:
             batch.done.set_result([])
@@ -279,9 +311,9 @@ class EngageLabClient:
         once more). Takes effect before any batch submitted after it."""
         self._loop.call_soon_threadsafe(self.pacer.resume)
 
-    def _enqueue(self, batch: _Batch) -> None:
+    def _enqueue(self, batch: _Submission[Any]) -> None:
         self._batches.add(batch)
-        for index in range(len(batch.payloads)):
+        for index in range(len(batch.calls)):
             self._queue.put_nowait((batch, index))
 
     async def _work(self) -> None:
@@ -292,7 +324,9 @@ class EngageLabClient:
                 continue
             try:
                 if await self.pacer.acquire():  # False: halted (FATAL, or cancel): not sent
-                    batch.results[index] = result = await self.push(batch.payloads[index])
+                    call = batch.calls[index]
+                    result, body = await self.send(call)
+                    batch.results[index] = call.read(result, body)
                     if result.verdict is Verdict.FATAL:
                         self.pacer.halt()
             except Exception as exc:  # a bug, not an answer: the batch fails, the worker lives
@@ -302,7 +336,7 @@ class EngageLabClient:
             if batch.left == 0:
                 self._settle(batch, None)
 
-    def _settle(self, batch: _Batch, error: BaseException | None) -> None:
+    def _settle(self, batch: _Submission[Any], error: BaseException | None) -> None:
         self._batches.discard(batch)
         if batch.done.done():
             return
@@ -311,39 +345,38 @@ class EngageLabClient:
         else:
             batch.done.set_exception(error)
 
-    async def push(self, payload: Payload) -> ApiResult:
-        """One request; transport failures become TRANSIENT results, never exceptions."""
-        body = json.dumps(payload.body(), separators=(",", ":"), ensure_ascii=False).encode()
+    async def send(self, call: Call[Any]) -> tuple[ApiResult, bytes]:
+        """One request: its classified answer and body. Transport failures become TRANSIENT
+        (or, for a refused certificate or proxy, FATAL) results with no body, never exceptions."""
         # stream=: no Host or Content-Length headers derived in Python, the transport adds them.
         request = httpx.Request(
-            "POST", self._url, headers=self._headers, stream=httpx.ByteStream(body)
+            "POST", call.url, headers=self._headers, stream=httpx.ByteStream(call.body)
         )
         try:
             response = await self._transport.handle_async_request(request)
             content = await response.aread()
         except CertificateError as exc:  # the same certificate is refused next time too
-            return ApiResult(Verdict.FATAL, None, None, f"{exc}; {CERTIFICATE_FIX}")
+            return ApiResult(Verdict.FATAL, None, None, f"{exc}; {CERTIFICATE_FIX}"), b""
         except ProxyRefused as exc:  # and the proxy refuses every tunnel alike
-            return ApiResult(Verdict.FATAL, None, None, f"{exc}; {PROXY_FIX}")
+            return ApiResult(Verdict.FATAL, None, None, f"{exc}; {PROXY_FIX}"), b""
         except httpx.TimeoutException:
             self.pacer.record(Signal.OVERLOADED)
-            return ApiResult(Verdict.TRANSIENT, None, None, "request timed out")
+            return ApiResult(Verdict.TRANSIENT, None, None, "request timed out"), b""
         except httpx.TransportError as exc:
             self.pacer.record(Signal.OVERLOADED)
-            return ApiResult(
-                Verdict.TRANSIENT, None, None, f"connection failed: {type(exc).__name__}"
-            )
+            failed = f"connection failed: {type(exc).__name__}"
+            return ApiResult(Verdict.TRANSIENT, None, None, failed), b""
         result = classify(
             response.status_code,
             content,
             response.headers.get("retry-after"),
             self.policy,
-            payload.contacts,
+            call.sent,
         )
         self.pacer.record(_signal(result))
         if result.retry_after:
             self.pacer.pause(result.retry_after)
-        return result
+        return result, content
 
     def close(self) -> None:
         if self._loop.is_closed():
@@ -379,6 +412,11 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:  # pragma: no cover - Windows
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _answer(result: ApiResult, body: bytes) -> ApiResult:
+    """How a contact push reads its answer: the classified answer is all there is."""
+    return result
 
 
 def _signal(result: ApiResult) -> Signal:
