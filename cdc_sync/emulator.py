@@ -24,6 +24,7 @@ import asyncio
 import base64
 import binascii
 import enum
+import hashlib
 import hmac
 import json
 import math
@@ -50,7 +51,7 @@ from cdc_sync.normalise import VALUE_LIMIT
 CONTACT_KEYS = frozenset(mapping.CONTACT_KEYS)
 IDENTITY_NAMES = frozenset({"user_id", "anonymous_id", "registration_id"})
 FATAL_CODES = frozenset({40050, 50031, 50034, 50074})
-FIRST_EUID = 10_000_000
+FIRST_EUID = 10_000_000  # EUIDs register gives are FIRST_EUID + 48 bits of a digest
 MAX_IDENTITY_VALUES = 100
 MAX_IDENTITY_LENGTH = 256
 CONTACT_PATH = "/v1/user/contact"
@@ -100,6 +101,12 @@ class Faults:
     whole answer for chosen euids: ``{euid: [status, body]}``, the body sent as it is, except that
     ``{email}``, ``{mobile_phone}``, ... become the value received for that contact (escaped for
     a JSON string), as an API that echoes what it refuses would.
+
+    For ``register``: ``register_drop`` lists identity values a successful answer leaves out of
+    ``data`` (a partial success); ``register_codes`` answers a whole register request holding a
+    chosen value with a code (``-1``: HTTP 500; a fatal code: ``auth_status``). With
+    ``hold_contacts`` a contact request is not answered until the faults change (a test holds
+    pushes there, e.g. to kill cdc-sync between ``register`` and the push).
     """
 
     latency: float = 0.0
@@ -116,6 +123,9 @@ class Faults:
     seed: int = 0
     auth_status: int = 401
     error_status: int = 400
+    register_drop: frozenset[str] = frozenset()
+    register_codes: Mapping[str, int] = field(default_factory=dict)
+    hold_contacts: bool = False
 
     def __post_init__(self) -> None:
         """Check every setting once, so the request path can trust them."""
@@ -162,6 +172,19 @@ class Faults:
         for euid in self.throttled_euids:
             _check_int("throttled_euids", euid)
         object.__setattr__(self, "throttled_euids", frozenset(self.throttled_euids))
+        if isinstance(self.register_drop, str | bytes) or not isinstance(
+            self.register_drop, Collection
+        ):
+            raise ValueError("register_drop must be a list of identity values")
+        object.__setattr__(self, "register_drop", frozenset(map(str, self.register_drop)))
+        if not isinstance(self.register_codes, Mapping):
+            raise ValueError("register_codes must map identity value to code")
+        for code in self.register_codes.values():
+            _check_int("register code", code)
+        codes_by_value = {str(value): code for value, code in self.register_codes.items()}
+        object.__setattr__(self, "register_codes", MappingProxyType(codes_by_value))
+        if not isinstance(self.hold_contacts, bool):
+            raise ValueError("hold_contacts must be true or false")
 
     @classmethod
     def from_json(cls, data: object) -> Faults:
@@ -179,6 +202,8 @@ class Faults:
         settings["fail_codes"] = {str(euid): code for euid, code in self.fail_codes.items()}
         settings["answers"] = {str(euid): list(answer) for euid, answer in self.answers.items()}
         settings["throttled_euids"] = sorted(self.throttled_euids)
+        settings["register_drop"] = sorted(self.register_drop)
+        settings["register_codes"] = dict(self.register_codes)
         return settings
 
 
@@ -282,6 +307,13 @@ def parse_register_request(raw: bytes) -> RegisterRequest | Rejection:
     if any(v == "" for v in values):
         return Rejection(55107, "identity value is empty")
     return RegisterRequest(str(name), tuple(values))
+
+
+def euid_for(seed: int, name: str, value: str) -> int:
+    """The EUID register gives an identity value: the same for the same seed on every call and
+    in every process, so a restarted emulator resolves a value as before."""
+    digest = hashlib.sha256(f"{seed}\x00{name}\x00{value}".encode()).digest()
+    return FIRST_EUID + int.from_bytes(digest[:6], "big")
 
 
 def merge_contacts(stored: Mapping[str, str], patch: Mapping[str, str]) -> dict[str, str]:
@@ -403,7 +435,9 @@ class Emulator:
         self._contacts: dict[int, dict[str, str]] = {}
         self._received: dict[int, list[dict[str, str]]] = {}
         self._identities: dict[tuple[str, str], int] = {}
-        self._next_euid = FIRST_EUID
+        self._issued: set[int] = set()
+        self._resolved: Counter[tuple[str, str]] = Counter()
+        self._register_calls: list[tuple[str, tuple[str, ...]]] = []
         self._known = None if self._configured_euids is None else set(self._configured_euids)
         self._requests = 0
         self._paths: Counter[str] = Counter()
@@ -426,6 +460,16 @@ class Emulator:
         """The accepted contact payloads of every euid, in arrival order."""
         with self._lock:
             return {euid: [dict(p) for p in ps] for euid, ps in self._received.items()}
+
+    def register_calls(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Every valid register request received: its identity name and values, in order."""
+        with self._lock:
+            return list(self._register_calls)
+
+    def resolved(self) -> dict[tuple[str, str], int]:
+        """How often each (identity name, value) was answered with its EUID."""
+        with self._lock:
+            return dict(self._resolved)
 
     def stats(self) -> dict[str, Any]:
         """Counts of API requests, per path, accepted, rejected per code and faults per kind."""
@@ -523,6 +567,9 @@ class Emulator:
         parsed = parse_contact_request(await request.read())
         if isinstance(parsed, Rejection):
             return self._reject(parsed, faults)
+        while self.faults.hold_contacts:  # answered once a test lets go
+            await asyncio.sleep(0.01)
+        faults = self.faults
         scripted = faults.answers.get(parsed.euid)
         if scripted is not None:
             status, body = scripted
@@ -555,15 +602,28 @@ class Emulator:
         parsed = parse_register_request(await request.read())
         if isinstance(parsed, Rejection):
             return self._reject(parsed, faults)
+        with self._lock:
+            self._register_calls.append((parsed.identity_name, parsed.identity_values))
+        codes = faults.register_codes
+        forced = next((codes[v] for v in parsed.identity_values if v in codes), None)
+        if forced is not None:
+            return self._reject(Rejection(forced, _message(forced)), faults)
         data = []
         with self._lock:
             for value in parsed.identity_values:
-                euid = self._identities.get((parsed.identity_name, value))
+                if value in faults.register_drop:
+                    continue
+                identity = (parsed.identity_name, value)
+                euid = self._identities.get(identity)
                 if euid is None:
-                    euid = self._identities[(parsed.identity_name, value)] = self._next_euid
-                    self._next_euid += 1
+                    euid = euid_for(faults.seed, *identity)
+                    while euid in self._issued:  # a digest collision: the next free one
+                        euid += 1
+                    self._identities[identity] = euid
+                    self._issued.add(euid)
                     if self._known is not None:
                         self._known.add(euid)
+                self._resolved[identity] += 1
                 data.append({"identity_value": value, "euid": euid})
             self._accepted += 1
         return web.json_response({"code": 0, "message": "success", "data": data})

@@ -24,6 +24,7 @@ from cdc_sync.emulator import (
     Rejection,
     TokenBucket,
     delay_for,
+    euid_for,
     main,
     merge_contacts,
     parse_contact_request,
@@ -299,7 +300,7 @@ def test_error_status_is_configurable(client: httpx.Client, emulator: Emulator) 
 
 
 def test_register_allocates_stable_euids(client: httpx.Client) -> None:
-    """Each (identity name, value) gets one euid from 10,000,000 on, the same on every call."""
+    """Each (identity name, value) gets one euid of its seed's digest, the same on every call."""
     first = client.post(
         REGISTER, json={"identity_name": "user_id", "identity_values": ["u1", "u2"]}
     )
@@ -310,12 +311,24 @@ def test_register_allocates_stable_euids(client: httpx.Client) -> None:
         "code": 0,
         "message": "success",
         "data": [
-            {"identity_value": "u1", "euid": FIRST_EUID},
-            {"identity_value": "u2", "euid": FIRST_EUID + 1},
+            {"identity_value": "u1", "euid": euid_for(0, "user_id", "u1")},
+            {"identity_value": "u2", "euid": euid_for(0, "user_id", "u2")},
         ],
     }
-    assert again.json()["data"] == [{"identity_value": "u2", "euid": FIRST_EUID + 1}]
-    assert other.json()["data"] == [{"identity_value": "u1", "euid": FIRST_EUID + 2}]
+    assert again.json()["data"] == [{"identity_value": "u2", "euid": euid_for(0, "user_id", "u2")}]
+    assert other.json()["data"] == [
+        {"identity_value": "u1", "euid": euid_for(0, "anonymous_id", "u1")}
+    ]
+    assert (
+        len(
+            {
+                euid_for(0, "user_id", "u1"),
+                euid_for(0, "user_id", "u2"),
+                euid_for(0, "anonymous_id", "u1"),
+            }
+        )
+        == 3
+    )
 
 
 @pytest.mark.parametrize(
@@ -335,6 +348,69 @@ def test_invalid_register_request_is_rejected(
 
     assert (response.status_code, response.json()["code"]) == (400, code)
     assert "data" not in response.json()
+
+
+def test_register_gives_the_same_euids_after_a_restart() -> None:
+    """Two emulators with the same seed give a value the same EUID, whatever the order asked."""
+    euids = []
+    for values in (["u1", "u2", "u3"], ["u3", "u1", "u2"]):
+        with (
+            EmulatorServer(Emulator(KEY, SECRET, faults=Faults(seed=7))) as server,
+            httpx.Client(base_url=server.url, auth=(KEY, SECRET)) as c,
+        ):
+            body = {"identity_name": "user_id", "identity_values": values}
+            data = c.post(REGISTER, json=body).json()["data"]
+        euids.append({entry["identity_value"]: entry["euid"] for entry in data})
+
+    assert euids[0] == euids[1]
+    assert all(FIRST_EUID <= euid < 2**63 for euid in euids[0].values())
+
+
+def test_register_can_answer_partially(client: httpx.Client, emulator: Emulator) -> None:
+    """register_drop leaves chosen values out of a code-0 answer's data; the calls are recorded."""
+    emulator.set_faults(Faults(register_drop=frozenset({"u2"})))
+
+    answer = client.post(
+        REGISTER, json={"identity_name": "user_id", "identity_values": ["u1", "u2"]}
+    ).json()
+
+    assert answer["code"] == 0
+    assert [entry["identity_value"] for entry in answer["data"]] == ["u1"]
+    assert emulator.register_calls() == [("user_id", ("u1", "u2"))]
+    assert emulator.resolved() == {("user_id", "u1"): 1}
+
+
+@pytest.mark.parametrize(("code", "status"), [(-1, 500), (40050, 401), (55004, 400)])
+def test_register_codes_answer_a_whole_request(
+    client: httpx.Client, emulator: Emulator, code: int, status: int
+) -> None:
+    """A register request holding a value of register_codes is answered with its code."""
+    emulator.set_faults(Faults(register_codes={"u2": code}))
+
+    response = client.post(
+        REGISTER, json={"identity_name": "user_id", "identity_values": ["u1", "u2"]}
+    )
+    spared = client.post(REGISTER, json={"identity_name": "user_id", "identity_values": ["u1"]})
+
+    assert (response.status_code, response.json()["code"]) == (status, code)
+    assert "data" not in response.json()
+    assert spared.json()["code"] == 0
+    assert emulator.resolved() == {("user_id", "u1"): 1}
+
+
+def test_register_checks_basic_auth(server: EmulatorServer) -> None:
+    """register refuses a wrong secret with 40050, as contact does."""
+    with httpx.Client(base_url=server.url, auth=(KEY, "wrong")) as c:
+        response = c.post(REGISTER, json={"identity_name": "user_id", "identity_values": ["u1"]})
+
+    assert (response.status_code, response.json()["code"]) == (401, 40050)
+
+
+def test_register_faults_round_trip_as_json() -> None:
+    """register_drop, register_codes and hold_contacts survive the admin endpoint's JSON."""
+    faults = Faults(register_drop=frozenset({"a"}), register_codes={"b": -1}, hold_contacts=True)
+
+    assert Faults.from_json(faults.to_json()) == faults
 
 
 def test_registered_euid_becomes_known() -> None:
@@ -503,7 +579,10 @@ def test_reset_clears_state_counts_and_faults(client: httpx.Client, emulator: Em
     assert emulator.stats()["requests"] == 0
     assert emulator.faults == Faults()
     body = {"identity_name": "user_id", "identity_values": ["u9"]}
-    assert client.post(REGISTER, json=body).json()["data"][0]["euid"] == FIRST_EUID
+    assert client.post(REGISTER, json=body).json()["data"][0]["euid"] == euid_for(
+        0, "user_id", "u9"
+    )
+    assert emulator.register_calls() == [("user_id", ("u9",))]
 
 
 def test_server_url_is_unavailable_before_start() -> None:
