@@ -154,3 +154,14 @@ sync_history = Table(
     Index(None, "sync_name", "source_key", "id"),
     comment="Each user's recent outcomes, newest kept; pruned with the run history.",
 )
+
+sync_identities = Table(
+    "cdc_sync_identities",
+    metadata,
+    Column("sync_name", String(64), primary_key=True),
+    Column("identity_name", String(16), primary_key=True, comment="user_id | anonymous_id | ..."),
+    Column("identity_value", String(256), primary_key=True),
+    Column("euid", BigInteger, nullable=False, comment="the EUID register gave for the value"),
+    Column("resolved_at", UtcDateTime, nullable=False),
+    comment="Per sync: the EUID of every identity value resolved (source.identity), for good.",
+)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import date, datetime
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     DateTime,
     Engine,
@@ -48,6 +49,7 @@ from cdc_sync.models import (
     VERSION_TABLE,
     UtcDateTime,
     sync_history,
+    sync_identities,
     sync_runs,
     sync_state,
     sync_status,
@@ -59,7 +61,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 # Every migration in migrations/versions, oldest first (a test holds them to alembic's own view).
-REVISIONS = ("0001", "0002", "0003", "0004", "0005")
+REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006")
 SCHEMA_HEAD = REVISIONS[-1]
 
 SHARED_VERSION_TABLE = "alembic_version"
@@ -292,6 +294,8 @@ class StateStore:
             raise StateError(f"the tracking database must be SQLite or PostgreSQL, not {dialect}")
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         self._records_query = _records_query(dialect)
+        self._identities_query = _identities_query(dialect)
+        self._store_identities = self._insert(sync_identities).on_conflict_do_nothing()
         self._upsert = self._upsert_statement(_recordset() if dialect == "postgresql" else None)
         self._history = _history_statement(dialect)
         # The operator epoch read with the last run start, and whether a reset waits then.
@@ -299,6 +303,9 @@ class StateStore:
         self.reset_pending = False
         # Status rows read lately (None: no row), by key, least recently used first.
         self._known: OrderedDict[str, Record | None] = OrderedDict()
+        # EUIDs of identity values, by (identity name, value): a resolved value keeps its EUID
+        # for good, so what is remembered is never stale. Least recently used first.
+        self._euids: OrderedDict[tuple[str, str], int] = OrderedDict()
         # Status rows written before the table's statistics are checked (None: checked).
         self._unchecked: int | None = 0 if dialect == "postgresql" else None
 
@@ -420,6 +427,52 @@ class StateStore:
         while len(self._known) > REMEMBERED_RECORDS:
             self._known.popitem(last=False)
         return found | read
+
+    def identities(self, name: str, values: Sequence[str]) -> dict[str, int]:
+        """The EUIDs stored for identity values of kind ``name``: those read or stored lately
+        from memory, the rest in one query. A value without one is left out."""
+        found: dict[str, int] = {}
+        missing = []
+        for value in values:
+            euid = self._euids.get((name, value))
+            if euid is None:
+                missing.append(value)
+            else:
+                self._euids.move_to_end((name, value))
+                found[value] = euid
+        if not missing:
+            return found
+        params = {"sync": self.sync_name, "name": name, "values": missing}
+        with self._connect() as connection:
+            rows = connection.execute(self._identities_query, params)
+            read: dict[str, int] = {value: euid for value, euid in rows}
+        self._remember_euids(name, read)
+        return found | read
+
+    def store_identities(self, name: str, euids: Mapping[str, int], now: datetime) -> None:
+        """Store the EUIDs ``register`` gave for identity values, in one transaction, before
+        anything is pushed to them: a crash after this never resolves them again."""
+        if not euids:
+            return
+        rows = [
+            {
+                "sync_name": self.sync_name,
+                "identity_name": name,
+                "identity_value": value,
+                "euid": euid,
+                "resolved_at": now,
+            }
+            for value, euid in euids.items()
+        ]
+        with self._transaction() as connection:
+            connection.execute(self._store_identities, rows)
+        self._remember_euids(name, euids)
+
+    def _remember_euids(self, name: str, euids: Mapping[str, int]) -> None:
+        for value, euid in euids.items():
+            self._euids[(name, value)] = euid
+        while len(self._euids) > REMEMBERED_RECORDS:
+            self._euids.popitem(last=False)
 
     def forget(self) -> None:
         """Drop the status rows remembered by :meth:`records`: read them again when next asked."""
@@ -1033,17 +1086,30 @@ def _take_back_shared_revision(connection: Connection) -> str | None:
     return revision
 
 
-def _records_query(dialect: str) -> Select[Any]:
-    """The status rows of a page's keys. On PostgreSQL the keys are one array parameter: a
-    thousand separate ones cost more to send and parse than the lookup itself."""
-    c = sync_status.c
+def _among(dialect: str, column: ColumnElement[str], values: str) -> ColumnElement[bool]:
+    """``column`` is one of the bound list ``values``. On PostgreSQL the list is one array
+    parameter: a thousand separate ones cost more to send and parse than the lookup itself."""
     if dialect == "postgresql":
-        among = c.source_key == any_(bindparam("keys", type_=ARRAY(String)))
-    else:
-        among = c.source_key.in_(bindparam("keys", expanding=True))
+        return column == any_(bindparam(values, type_=ARRAY(String)))
+    return column.in_(bindparam(values, expanding=True))
+
+
+def _records_query(dialect: str) -> Select[Any]:
+    """The status rows of a page's keys."""
+    c = sync_status.c
     return select(
         c.source_key, c.status, c.pushed_hash, c.attempted_hash, c.attempts, c.next_attempt_at
-    ).where(c.sync_name == bindparam("sync"), among)
+    ).where(c.sync_name == bindparam("sync"), _among(dialect, c.source_key, "keys"))
+
+
+def _identities_query(dialect: str) -> Select[Any]:
+    """The stored EUIDs of a page's identity values."""
+    c = sync_identities.c
+    return select(c.identity_value, c.euid).where(
+        c.sync_name == bindparam("sync"),
+        c.identity_name == bindparam("name"),
+        _among(dialect, c.identity_value, "values"),
+    )
 
 
 def _recordset(columns: Sequence[str] | None = None) -> Select[Any]:
