@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, Literal, get_args
 
@@ -26,6 +27,9 @@ EUID_MAX = 2**63 - 1  # EngageLab's euid is a Java Long
 KEY_LIMIT = 256  # characters of cdc_sync_status.source_key
 NUMBER_LIMIT = 10**30  # a number sent as a contact has fewer digits than this (E.164: 15)
 EXACT_FLOAT = 2**53  # above this a double no longer holds every integer exactly
+IDENTITY_LIMIT = 256  # characters of an identity value EngageLab's register takes (documented)
+_IDENTITY_NUMBER = 10**IDENTITY_LIMIT  # an identity number has fewer digits than this
+UNRESOLVED = 0  # the euid of an identity row's payload until its EUID is known (never sent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +122,11 @@ class Mapped:
     result: Payload | Skip | Leave
     hash: str
     key: str
+    identity: str | None = None  # the identity value whose EUID the payload waits for
 
     @property
     def euid(self) -> int | None:
-        return self.result.euid
+        return self.result.euid or None  # UNRESOLVED (0) is no euid yet
 
 
 def parse_euid(raw: Any) -> int | str:
@@ -160,6 +165,45 @@ def parse_euid(raw: Any) -> int | str:
     if value > EUID_MAX:
         return f"euid {digits(value)} does not fit in 64 bits"
     return value
+
+
+def parse_identity(raw: Any) -> tuple[str | None, str | None]:
+    """An identity value (the application's own user id) as the text ``register`` is sent, or
+    why it cannot be one. Text is taken as it is (an identifier is not trimmed: ``" u1"`` and
+    ``"u1"`` may be different users); whole numbers and UUIDs as their text."""
+    if isinstance(raw, str):
+        text = raw
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        if not -_IDENTITY_NUMBER < raw < _IDENTITY_NUMBER:
+            return None, f"identity is a number of more than {IDENTITY_LIMIT} digits"
+        text = str(raw)
+    elif isinstance(raw, Decimal) and raw.is_finite() and raw == raw.to_integral_value():
+        if raw.adjusted() >= IDENTITY_LIMIT:
+            return None, f"identity is a number of more than {IDENTITY_LIMIT} digits"
+        text = str(int(raw))
+    elif isinstance(raw, uuid.UUID):
+        text = str(raw)
+    elif raw is None:
+        return None, "identity is empty"
+    else:
+        return None, f"identity of type {type(raw).__name__} is not text or a whole number"
+    if not text.strip():
+        return None, "identity is empty"
+    if len(text) > IDENTITY_LIMIT:
+        return None, f"identity is {len(text)} characters long, more than {IDENTITY_LIMIT}"
+    if not text.isprintable() and not storable(text):
+        return None, "identity holds a NUL character or text that is not UTF-8"
+    return text, None
+
+
+def addressed(mapped: Mapped, euid: int) -> Mapped:
+    """An identity row's mapping once its EUID is known: the same hash (it covers the identity
+    value, which names one EUID for good), its payloads addressed to ``euid``."""
+    result = mapped.result
+    if isinstance(result, Payload):
+        return replace(mapped, result=Payload(euid, result.contacts))
+    clears = None if result.clears is None else Payload(euid, result.clears.contacts)
+    return replace(mapped, result=replace(result, euid=euid, clears=clears))
 
 
 def clean_contacts(
@@ -270,17 +314,26 @@ def is_digest(key: str) -> bool:
     return key.startswith("sha256:") and len(key) == 71
 
 
-def map_row(row: SourceRow, policy: Policy) -> Mapped:
+def map_row(row: SourceRow, policy: Policy, *, identity: bool = False) -> Mapped:
     """Map one source row as ``policy`` says (see :class:`Policy`).
 
+    With ``identity`` the row's ``euid`` is an identity value (``source.identity``): the payload
+    waits for its EUID (:func:`addressed`), and the hash covers the identity value instead, so
+    a row's hash is known before, and stays the same after, its EUID is resolved.
     Never raises: a value that cannot be sent is the row's skip reason.
     """
     key, key_problem = status_key(row.key)
-    euid = parse_euid(row.euid)
+    named: str | None = None
+    if identity:
+        named, euid_problem = parse_identity(row.euid)
+        euid: int | str = UNRESOLVED if euid_problem is None else euid_problem
+    else:
+        euid = parse_euid(row.euid)
     if key_problem is None:
         leaving = _leaving(row)
         if leaving is not None:
-            return leave(row, key, None if isinstance(euid, str) else euid, leaving, policy)
+            known = None if isinstance(euid, str) else euid
+            return leave(row, key, known, leaving, policy, named)
     contacts, problem = clean_contacts(row.contacts, policy)
     if policy.clear:
         contacts = {name: contacts.get(name, "") for name in sorted(row.contacts)}
@@ -301,18 +354,31 @@ def map_row(row: SourceRow, policy: Policy) -> Mapped:
     else:
         result = Payload(euid, contacts)
         hashed_euid = euid
-    return Mapped(row, result, payload_hash(policy.salt, hashed_euid, contacts), key)
+    if named is not None and hashed_euid == UNRESOLVED:
+        hashed_euid = f"identity:{named}"
+    return Mapped(row, result, payload_hash(policy.salt, hashed_euid, contacts), key, named)
 
 
-def leave(row: SourceRow, key: str, euid: int | None, reason: str, policy: Policy) -> Mapped:
+def leave(
+    row: SourceRow,
+    key: str,
+    euid: int | None,
+    reason: str,
+    policy: Policy,
+    identity: str | None = None,
+) -> Mapped:
     """A user who left the sync for ``reason``: what they are sent, hashed apart from any
-    payload, so they are recorded once and not pushed again until their row changes back."""
+    payload, so they are recorded once and not pushed again until their row changes back.
+
+    An identity row's ``euid`` is :data:`UNRESOLVED`: its clearing payload waits for the EUID
+    (:func:`addressed`), sent only if one is known, and its hash covers the identity value."""
     clears = None
     keys = policy.contact_keys or tuple(sorted(row.contacts))
     if policy.on_leave == "clear" and euid is not None and keys:
         clears = Payload(euid, dict.fromkeys(keys, ""))
-    hashed = payload_hash(policy.salt, f"left:{euid}:{reason}", clears.contacts if clears else {})
-    return Mapped(row, Leave(reason, euid, clears), hashed, key)
+    named = euid if identity is None else f"identity:{identity}"
+    hashed = payload_hash(policy.salt, f"left:{named}:{reason}", clears.contacts if clears else {})
+    return Mapped(row, Leave(reason, euid, clears), hashed, key, identity)
 
 
 def _leaving(row: SourceRow) -> str | None:

@@ -14,13 +14,17 @@ from values import column_value
 from cdc_sync.mapping import (
     EUID_MAX,
     KEY_LIMIT,
+    SOFT_DELETED,
+    Leave,
     Payload,
     Policy,
     Skip,
     SourceRow,
+    addressed,
     clean_contacts,
     map_row,
     parse_euid,
+    parse_identity,
 )
 from cdc_sync.redact import MESSAGE_LIMIT, storable
 
@@ -261,3 +265,77 @@ def test_any_row_maps_to_a_sendable_payload_or_a_clear_reason(
     else:
         assert result.reason.isprintable() and len(result.reason) <= MESSAGE_LIMIT
         assert result.euid is None or 0 < result.euid <= EUID_MAX
+
+
+# --- identity rows (source.identity) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("u-42", ("u-42", None)),
+        (" u1", (" u1", None)),  # an identifier is taken as it is, never trimmed
+        (42, ("42", None)),
+        (Decimal("42"), ("42", None)),
+        (uuid.UUID(int=5), ("00000000-0000-0000-0000-000000000005", None)),
+        ("x" * 256, ("x" * 256, None)),
+        (None, (None, "identity is empty")),
+        ("  ", (None, "identity is empty")),
+        ("x" * 257, (None, "identity is 257 characters long, more than 256")),
+        ("a\x00b", (None, "identity holds a NUL character or text that is not UTF-8")),
+        (10**300, (None, "identity is a number of more than 256 digits")),
+        (1.5, (None, "identity of type float is not text or a whole number")),
+        (True, (None, "identity of type bool is not text or a whole number")),
+    ],
+)
+def test_parse_identity(raw: object, expected: tuple[str | None, str | None]) -> None:
+    """An identity value is text of 1-256 characters as register takes it, or a reason."""
+    assert parse_identity(raw) == expected
+
+
+def test_an_identity_row_hashes_the_same_before_and_after_its_euid_is_known() -> None:
+    """Resolving an identity row's EUID addresses its payload and leaves its hash as it was."""
+    mapped = map_row(row("u1", email="a@b.c"), Policy("s"), identity=True)
+
+    resolved = addressed(mapped, 77)
+
+    assert (mapped.identity, mapped.euid) == ("u1", None)
+    assert resolved.result == Payload(77, {"email": "a@b.c"})
+    assert (resolved.hash, resolved.euid) == (mapped.hash, 77)
+
+
+def test_an_identity_rows_hash_covers_its_identity() -> None:
+    """Another identity value with the same contacts is another hash; a bad one is skipped."""
+    one = map_row(row("u1", email="a@b.c"), Policy("s"), identity=True)
+    other = map_row(row("u2", email="a@b.c"), Policy("s"), identity=True)
+    empty = map_row(row(None, email="a@b.c"), Policy("s"), identity=True)
+
+    assert one.hash != other.hash
+    assert empty.result == Skip("identity is empty")
+
+
+def test_an_identity_row_clears_once_addressed() -> None:
+    """With clearing on, an identity row whose contacts all emptied clears at its EUID."""
+    mapped = map_row(row("u1", email=None), Policy("s", True), identity=True)
+
+    resolved = addressed(mapped, 9)
+
+    assert isinstance(resolved.result, Skip)
+    assert resolved.result.clears == Payload(9, {"email": ""})
+    assert resolved.euid == 9
+
+
+def test_an_identity_row_that_leaves_is_left_and_clears_only_at_its_euid() -> None:
+    """A soft-deleted identity row maps to Leave, hashed by identity, cleared once addressed."""
+    gone = SourceRow(key=1, cursor=1, euid="u1", contacts={"email": "a@b.c"}, deleted=1)
+    policy = Policy("s", on_leave="clear", contact_keys=("email",))
+    mapped = map_row(gone, policy, identity=True)
+    other = map_row(SourceRow(1, 1, "u2", {"email": "a@b.c"}, deleted=1), policy, identity=True)
+
+    resolved = addressed(mapped, 9)
+
+    assert isinstance(mapped.result, Leave)
+    assert (mapped.result.reason, mapped.identity, mapped.euid) == (SOFT_DELETED, "u1", None)
+    assert mapped.hash != other.hash
+    assert resolved.result == Leave(SOFT_DELETED, 9, Payload(9, {"email": ""}))
+    assert resolved.hash == mapped.hash
