@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
-from cdc_sync.mapping import Payload
+from cdc_sync.mapping import EUID_MAX, Payload
 from cdc_sync.pacing import Pacer, Signal
 from cdc_sync.proxies import Proxies
 from cdc_sync.redact import REPLY_LIMIT, redact
@@ -34,6 +34,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 CONTACT_PATH = "/v1/user/contact"
+REGISTER_PATH = "/v1/user/register"
+REGISTER_LIMIT = 100  # identity values in one register call, at most (documented)
 
 FATAL_CODES = frozenset({40050, 50031, 50034, 50074})
 PERMANENT_CODES = frozenset({40007, 55004, 55014, 55101, 55102, 55103, 55105, 55106, 55107, 55108})
@@ -91,6 +93,34 @@ class Call(Generic[R]):
     body: bytes
     read: Callable[[ApiResult, bytes], R]
     sent: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """The answer to one ``POST /v1/user/register``: classified, and the EUIDs it gave by
+    identity value. ``code`` 0 may be a partial success: a value missing here is unresolved."""
+
+    result: ApiResult
+    euids: Mapping[str, int]
+
+
+def read_registration(result: ApiResult, body: bytes) -> Registration:
+    """The EUIDs of a register answer's ``data``; an entry that is not a string value with a
+    positive 64-bit ``euid`` is left out (so its value is unresolved), never raised on."""
+    if result.verdict is not Verdict.SUCCESS:
+        return Registration(result, {})
+    try:
+        data = json.loads(body).get("data")
+    except (ValueError, RecursionError, AttributeError):
+        data = None
+    euids: dict[str, int] = {}
+    for entry in data if isinstance(data, list) else ():
+        if not isinstance(entry, dict):
+            continue
+        value, euid = entry.get("identity_value"), entry.get("euid")
+        if isinstance(value, str) and type(euid) is int and 0 < euid <= EUID_MAX:
+            euids[value] = euid
+    return Registration(result, euids)
 
 
 @dataclass(eq=False)
@@ -244,6 +274,7 @@ class EngageLabClient:
             {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
         )
         self._contact_url = httpx.URL(self.url)
+        self._register_url = httpx.URL(self.base_url + REGISTER_PATH)
         # The transport is called directly, not through httpx.AsyncClient: the client's
         # machinery (auth flows, cookies, redirects, hooks) is unused here and measured at about
         # 0.4 ms of CPU per request, as much as everything else a push costs together.
@@ -267,14 +298,19 @@ class EngageLabClient:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def endpoint(self, path: str) -> httpx.URL:
-        """The URL of an API path (``/v1/user/register``) on this client's base URL."""
-        return httpx.URL(self.base_url + path)
-
     def contact(self, payload: Payload) -> Call[ApiResult]:
         """The ``POST /v1/user/contact`` call that pushes one payload; its result is the answer."""
         body = json.dumps(payload.body(), separators=(",", ":"), ensure_ascii=False).encode()
         return Call(self._contact_url, body, _answer, payload.contacts)
+
+    def registration(self, name: str, values: Sequence[str]) -> Call[Registration]:
+        """The ``POST /v1/user/register`` call that resolves up to :data:`REGISTER_LIMIT`
+        identity values of kind ``name`` (``user_id``, ...) to EUIDs."""
+        if not 0 < len(values) <= REGISTER_LIMIT:
+            raise ValueError(f"a register call takes 1 to {REGISTER_LIMIT} values")
+        body = {"identity_name": name, "identity_values": list(values)}
+        encoded = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        return Call(self._register_url, encoded, read_registration)
 
     def submit(self, payloads: Sequence[Payload]) -> Future[list[ApiResult | None]]:
         """Start pushing a batch of payloads (see :meth:`submit_calls`)."""

@@ -22,10 +22,12 @@ from cdc_sync.engagelab import (
     ApiResult,
     CodePolicy,
     EngageLabClient,
+    Registration,
     Verdict,
     classify,
     new_event_loop,
     parse_retry_after,
+    read_registration,
 )
 from cdc_sync.mapping import Payload
 from cdc_sync.redact import MESSAGE_LIMIT
@@ -504,3 +506,61 @@ def test_after_cancel_nothing_is_sent_until_resume() -> None:
     assert refused == [None]
     assert sent[0] is not None and sent[0].verdict is S
     assert order == [101]
+
+
+OK = ApiResult(Verdict.SUCCESS, 0, 200, "success")
+
+
+@pytest.mark.parametrize(
+    ("body", "euids"),
+    [
+        (b'{"code":0,"data":[{"identity_value":"u1","euid":7}]}', {"u1": 7}),
+        (b'{"code":0,"data":[{"identity_value":"u1","euid":"7"}]}', {}),
+        (b'{"code":0,"data":[{"identity_value":"u1","euid":0}]}', {}),
+        (b'{"code":0,"data":[{"identity_value":"u1","euid":true}]}', {}),
+        (b'{"code":0,"data":[{"identity_value":"u1","euid":9223372036854775808}]}', {}),
+        (b'{"code":0,"data":[{"identity_value":1,"euid":7}, 5]}', {}),
+        (b'{"code":0,"data":{"u1":7}}', {}),
+        (b'{"code":0}', {}),
+        (b"[1]", {}),
+        (b"not json", {}),
+    ],
+)
+def test_a_register_answer_gives_only_well_formed_euids(body: bytes, euids: dict[str, int]) -> None:
+    """Every well-formed data entry gives its value's EUID; anything else leaves it unresolved."""
+    assert read_registration(OK, body) == Registration(OK, euids)
+
+
+def test_a_failed_register_answer_gives_no_euids() -> None:
+    """A register answer that is not a success resolves nothing, whatever its data says."""
+    failed = ApiResult(Verdict.TRANSIENT, -1, 500, "internal error")
+
+    registration = read_registration(failed, b'{"data":[{"identity_value":"u1","euid":7}]}')
+
+    assert registration == Registration(failed, {})
+
+
+def test_register_and_contact_calls_share_one_client(server: EmulatorServer) -> None:
+    """One client sends register and contact calls; a fatal register answer stops the pushes."""
+    server.emulator.set_faults(Faults(register_codes={"bad": 40050}))
+    with EngageLabClient(server.url, "key", "secret", concurrency=1) as api:
+        [registration] = api.submit_calls([api.registration("user_id", ["u1"])]).result()
+        assert registration is not None
+        euid = registration.euids["u1"]
+        [pushed] = api.push_all([Payload(euid, {"email": "a@b.c"})])
+        [refused] = api.submit_calls([api.registration("user_id", ["bad"])]).result()
+        [after] = api.push_all([Payload(euid, {"email": "d@e.f"})])
+
+    assert pushed is not None and pushed.verdict is Verdict.SUCCESS
+    assert refused is not None and refused.result.verdict is Verdict.FATAL
+    assert after is None
+    assert server.emulator.contacts == {euid: {"email": "a@b.c"}}
+
+
+def test_a_register_call_takes_at_most_100_values(server: EmulatorServer) -> None:
+    """The client refuses to build a register call of more than 100 (or no) values."""
+    with EngageLabClient(server.url, "key", "secret") as api:
+        with pytest.raises(ValueError, match="1 to 100 values"):
+            api.registration("user_id", [str(i) for i in range(101)])
+        with pytest.raises(ValueError, match="1 to 100 values"):
+            api.registration("user_id", [])
