@@ -28,7 +28,7 @@ from cdc_sync import __version__, logs
 from cdc_sync.config import Settings, load_settings
 from cdc_sync.configfile import resolve_config_path
 from cdc_sync.durations import format_duration
-from cdc_sync.engagelab import ApiResult, CodePolicy, EngageLabClient, Verdict
+from cdc_sync.engagelab import ApiResult, Call, CodePolicy, EngageLabClient, Registration, Verdict
 from cdc_sync.engine import Engine, EngineSettings, Pusher, Stop, utcnow
 from cdc_sync.errors import (
     EX_CONFIG,
@@ -38,6 +38,7 @@ from cdc_sync.errors import (
     ConfigError,
     SetupError,
 )
+from cdc_sync.identity import R, Registrar, Resolver
 from cdc_sync.lock import EX_TEMPFAIL, InstanceLock
 from cdc_sync.mapping import Payload, Policy
 from cdc_sync.normalise import Normalisation
@@ -100,7 +101,12 @@ class App:
             self.client = build_client(s)
         knobs = self.engine_settings()
         pusher: Pusher = _NoPushes() if dry_run else self.client  # type: ignore[assignment]
-        return Engine(knobs, self.source, self.state, pusher, progress=progress)
+        identity = s.source.identity
+        resolver = None
+        if identity is not None:  # a dry run maps identity rows, and never resolves them
+            registrar: Registrar = _NoPushes() if dry_run else self.client  # type: ignore[assignment]
+            resolver = Resolver(identity.name, self.state, registrar, utcnow)
+        return Engine(knobs, self.source, self.state, pusher, resolver=resolver, progress=progress)
 
     def engine_settings(self) -> EngineSettings:
         s = self.settings
@@ -123,6 +129,12 @@ class _NoPushes:
 
     def resume(self) -> None:
         raise AssertionError("a dry run must not run a cycle")
+
+    def registration(self, name: str, values: Sequence[str]) -> Call[Registration]:
+        raise AssertionError("a dry run must not register")
+
+    def submit_calls(self, calls: Sequence[Call[R]]) -> Future[list[R | None]]:
+        raise AssertionError("a dry run must not register")
 
 
 # No pre-ping: it costs a round trip per checkout, an idle poll's largest cost. A connection
@@ -188,7 +200,7 @@ def source_spec(s: Settings) -> SourceSpec:
         schema=src.schema_,
         key=src.key,
         cursor=src.cursor,
-        euid=src.euid,
+        euid=src.euid_column,
         contacts={key: column for key, column in s.contacts.items()},
         statement_timeout=src.statement_timeout,
         cursor_mode=src.cursor_mode,

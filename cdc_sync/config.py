@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, get_args
 from urllib.parse import urlsplit
 
 import phonenumbers
@@ -70,6 +70,7 @@ from cdc_sync.proxies import Proxy
 
 DEFAULT_STATE_URL = "sqlite:///cdc-sync-state.db"
 
+IdentityName = Literal["user_id", "anonymous_id", "registration_id"]
 ApiCodeClass = Literal["transient", "permanent", "fatal"]
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +298,16 @@ _MS, _SECOND, _MINUTE = timedelta(milliseconds=1), timedelta(seconds=1), timedel
 _HOUR, _DAY = timedelta(hours=1), timedelta(days=1)
 
 
+class IdentitySettings(BaseModel):
+    """Which column holds the application's own id of a user, and which EngageLab identity it
+    is; cdc-sync resolves it to an EUID with ``POST /v1/user/register``."""
+
+    model_config = _MODEL_CONFIG
+
+    name: Annotated[IdentityName, BeforeValidator(_lower)]
+    column: Text
+
+
 class SourceSettings(BaseModel):
     """The user table on the read replica, and how to page through it."""
 
@@ -307,7 +318,8 @@ class SourceSettings(BaseModel):
     schema_: Text | None = Field(default=None, alias="schema")
     key: Text
     cursor: Text
-    euid: Text
+    euid: Text | None = None
+    identity: IdentitySettings | None = None
     consent: Text | None = None
     deleted: Text | None = None
     batch_size: Annotated[Number, Between(1, 10_000)] = 500
@@ -323,6 +335,30 @@ class SourceSettings(BaseModel):
     @classmethod
     def _check_url(cls, value: str, info: ValidationInfo) -> str:
         return _database_url(value, info)
+
+    @model_validator(mode="after")
+    def _check_euid(self) -> Self:
+        """Exactly one way to a user's EUID: a column holding it, or an identity to resolve."""
+        if self.euid is None and self.identity is None:
+            raise _fail_at(
+                type(self),
+                ("euid",),
+                "required key is missing: name the column holding EngageLab's EUID, or give "
+                "source.identity instead ({name: user_id, column: COL}) to resolve it",
+            )
+        if self.euid is not None and self.identity is not None:
+            raise _fail_at(
+                type(self),
+                ("identity",),
+                "give source.euid (a column holding the EUID) or source.identity (an id to "
+                "resolve to one), not both",
+            )
+        return self
+
+    @property
+    def euid_column(self) -> str:
+        """The column read for each user's EUID, or for the identity resolved to it."""
+        return self.identity.column if self.identity is not None else str(self.euid)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         return _masked_url_repr(self)
@@ -621,6 +657,8 @@ def _field_at(loc: _Loc) -> tuple[type[BaseModel] | None, FieldInfo | None]:
         if index == len(loc) - 1:
             return model, field
         annotation = field.annotation if field is not None else None
+        # An optional section (``source.identity``) is ``Model | None``: the model it holds.
+        annotation = next((a for a in get_args(annotation) if a is not type(None)), annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None, None
         model = annotation

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -21,12 +21,15 @@ import structlog
 
 from cdc_sync.engagelab import ApiResult, Verdict
 from cdc_sync.errors import CdcSyncError, FatalApiError, SourceError, Stopped
+from cdc_sync.identity import Resolver
 from cdc_sync.mapping import (
     VANISHED,
+    Leave,
     Mapped,
     Payload,
     Policy,
     SourceRow,
+    addressed,
     is_digest,
     leave,
     map_row,
@@ -138,6 +141,7 @@ class Engine:
         state: StateStore,
         pusher: Pusher,
         *,
+        resolver: Resolver | None = None,
         clock: Callable[[], datetime] = utcnow,
         jitter: Callable[[], float] = random.random,
         progress: Callable[[], None] = lambda: None,
@@ -146,6 +150,7 @@ class Engine:
         self.source = source
         self.state = state
         self.pusher = pusher
+        self.resolver = resolver  # source.identity: the rows' EUIDs are resolved before a push
         self.clock = clock
         self.jitter = jitter
         self.progress = progress  # called as each page lands: the daemon's watchdog
@@ -348,9 +353,11 @@ class _Batch:
         sending: list[int],
         answers: Future[list[ApiResult | None]],
         now: datetime,
+        unresolved: dict[int, ApiResult | None],
     ) -> None:
         self.rows, self.mapped, self.keys, self.records = rows, mapped, keys, records
         self.actions, self.sending, self.answers, self.now = actions, sending, answers, now
+        self.unresolved = unresolved  # rows to push left without an EUID, and why
 
 
 class _Cycle:
@@ -475,7 +482,8 @@ class _Cycle:
         ``mapped``: users already mapped (those gone from the source), instead of ``rows``."""
         e = self.engine
         if mapped is None:
-            mapped = [map_row(row, e.settings.mapping) for row in rows]
+            identity = e.resolver is not None
+            mapped = [map_row(row, e.settings.mapping, identity=identity) for row in rows]
         keys = [m.key for m in mapped]
         records = e.state.records(keys)
         actions = [
@@ -520,8 +528,47 @@ class _Cycle:
         now = e.clock()
         mapped, keys, records, actions = self.plan(rows, now, retrying=retrying, mapped=mapped)
         sending = [i for i, action in enumerate(actions) if action is Action.PUSH]
+        unresolved: dict[int, ApiResult | None] = {}
+        if e.resolver is not None and sending:
+            sending, unresolved = self.resolve(e.resolver, mapped, actions, sending)
         answers = e.pusher.submit([_payload(mapped[i]) for i in sending])
-        return _Batch(rows, mapped, keys, records, actions, sending, answers, now)
+        return _Batch(rows, mapped, keys, records, actions, sending, answers, now, unresolved)
+
+    def resolve(
+        self, resolver: Resolver, mapped: list[Mapped], actions: list[Action], sending: list[int]
+    ) -> tuple[list[int], dict[int, ApiResult | None]]:
+        """Address the rows to push to their EUIDs (``source.identity``), resolving the unknown
+        ones first; the rows still to push, and why the others have no EUID (their answer).
+
+        A user who left is cleared only at an EUID already stored (never registered for it):
+        without one they are recorded as left and nothing is sent."""
+        # A row to push is named (map_row(identity=True) skips a row without a usable value),
+        # unless its EUID is known already (a tracked user gone from the source).
+        waiting = [i for i in sending if mapped[i].identity is not None and mapped[i].euid is None]
+        if not waiting:
+            return sending, {}
+        leaving = {i for i in waiting if isinstance(mapped[i].result, Leave)}
+        stored = resolver.known([v for i in leaving if (v := mapped[i].identity) is not None])
+        values = [v for i in waiting if i not in leaving and (v := mapped[i].identity) is not None]
+        resolution = resolver.resolve(values)
+        euids = stored | resolution.euids
+        ready, unresolved = [], {}
+        for i in sending:
+            value = mapped[i].identity
+            euid = euids.get(value) if value is not None and i in waiting else None
+            if euid is not None:
+                mapped[i] = addressed(mapped[i], euid)
+            elif i in leaving:
+                result = mapped[i].result
+                assert isinstance(result, Leave)
+                mapped[i] = replace(mapped[i], result=replace(result, clears=None))
+                actions[i] = Action.LEAVE
+                continue
+            elif value is not None and i in waiting:
+                unresolved[i] = resolution.unresolved.get(value)
+                continue
+            ready.append(i)
+        return ready, unresolved
 
     def finish(self, batch: _Batch, *, retrying: bool, sweep: bool = False) -> None:
         """Wait for a page's answers; record its outcomes and move the watermark, in one commit.
@@ -530,6 +577,7 @@ class _Cycle:
         e = self.engine
         answers = batch.answers.result()
         results: dict[int, ApiResult | None] = dict(zip(batch.sending, answers, strict=True))
+        results.update(batch.unresolved)
         updates, recorded = [], []
         rows = zip(batch.mapped, batch.keys, batch.actions, strict=True)
         for i, (m, key, action) in enumerate(rows):
@@ -570,7 +618,9 @@ class _Cycle:
             retrying=retrying,
         )
 
-        fatal = next((r for r in answers if r is not None and r.verdict is Verdict.FATAL), None)
+        fatal = next(
+            (r for r in results.values() if r is not None and r.verdict is Verdict.FATAL), None
+        )
         if fatal is not None:
             log.critical(
                 "engagelab_refused",
@@ -608,7 +658,8 @@ class _Cycle:
             budget -= len(rows)
             after = rows[-1].key if len(rows) == size else None  # a short page: wrap around
             judged = [r for r in rows if settled(r)]
-            mapped = [map_row(r, e.settings.mapping) for r in judged]
+            identity = e.resolver is not None
+            mapped = [map_row(r, e.settings.mapping, identity=identity) for r in judged]
             records = e.state.records([m.key for m in mapped])
             out = [(m.key, m.euid) for m in mapped if missed(m, records.get(m.key))]
             now = e.clock()

@@ -15,6 +15,7 @@ from cdc_sync.cli import state_engine
 from cdc_sync.emulator import Emulator, EmulatorServer
 from cdc_sync.engagelab import EngageLabClient
 from cdc_sync.engine import CycleReport, Engine, EngineSettings
+from cdc_sync.identity import Resolver
 from cdc_sync.mapping import Policy
 from cdc_sync.rules import Retry
 from cdc_sync.source import Source, SourceSpec
@@ -71,13 +72,14 @@ class World:
         self.audit_rows = 0
         self.clear = False
         self.on_leave: Literal["keep", "clear"] = "keep"
+        self.identity: str | None = None  # source.identity's name; its column is ``name``
 
     def engine(self, client: EngageLabClient | None = None) -> Engine:
         spec = SourceSpec(
             "users",
             "id",
             "cdc_xid" if self.xid8 else "updated_at",
-            "engagelab_euid",
+            "engagelab_euid" if self.identity is None else "name",
             CONTACT_COLUMNS,
             cursor_mode="xid8" if self.xid8 else "timestamp",
         )
@@ -92,11 +94,16 @@ class World:
             ),
             self.audit_rows,
         )
+        client = client or self.client
+        resolver = None
+        if self.identity is not None:
+            resolver = Resolver(self.identity, self.state, client, self.clock)
         return Engine(
             settings,
             Source(self.source_engine, spec),
             self.state,
-            client or self.client,
+            client,
+            resolver=resolver,
             clock=self.clock,
             jitter=lambda: 0.0,
         )

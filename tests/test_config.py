@@ -451,3 +451,51 @@ def test_an_unusable_proxy_is_refused_without_quoting_it(tmp_path: Path) -> None
     assert error.key == "engagelab.proxy"
     assert "a proxy is reached over plain http, not https" in str(error)
     assert "proxy-pass-99" not in str(error)
+
+
+# --- source.identity ---------------------------------------------------------------------------
+
+
+def test_identity_may_stand_in_for_euid(tmp_path: Path) -> None:
+    """source.identity instead of source.euid names the column read and the identity resolved."""
+    tree = changed(minimal(), "source.euid", DELETE)
+    tree = changed(tree, "source.identity", {"name": "User_ID", "column": "app_user_id"})
+
+    settings = load(tmp_path, tree)
+
+    assert settings.source.euid is None
+    assert settings.source.identity is not None
+    assert (settings.source.identity.name, settings.source.euid_column) == (
+        "user_id",
+        "app_user_id",
+    )
+
+
+@pytest.mark.parametrize(
+    ("identity", "euid", "where", "fragment"),
+    [
+        (None, DELETE, "source.euid", "or give source.identity instead"),
+        ({"name": "user_id", "column": "uid"}, "engagelab_euid", "source.identity", "not both"),
+        ({"name": "email", "column": "uid"}, DELETE, "source.identity.name", "'user_id'"),
+        ({"name": "user_id"}, DELETE, "source.identity.column", "required key is missing"),
+        ({"name": "user_id", "column": " "}, DELETE, "source.identity.column", "not be empty"),
+        (
+            {"name": "user_id", "colum": "uid"},
+            DELETE,
+            "source.identity.colum",
+            "did you mean 'column'? allowed keys here: name, column",
+        ),
+    ],
+)
+def test_identity_and_euid_are_checked(
+    tmp_path: Path, identity: object, euid: object, where: str, fragment: str
+) -> None:
+    """Exactly one of source.euid and source.identity, whose name and column are checked."""
+    tree = changed(minimal(), "source.euid", euid)
+    if identity is not None:
+        tree = changed(tree, "source.identity", identity)
+
+    error = failure(tmp_path, tree)
+
+    assert where in str(error)
+    assert fragment in str(error)
