@@ -12,7 +12,7 @@ from test_cli import Sync, cdc_sync
 from userdb import CONTACT_COLUMNS, UserDb, write_config
 
 from cdc_sync.cli import state_engine
-from cdc_sync.emulator import EmulatorServer
+from cdc_sync.emulator import EmulatorServer, euid_for
 from cdc_sync.state import StateStore, UserStatus
 
 NORMALIZE = {"emails": True, "phones": True}
@@ -238,3 +238,45 @@ def test_the_check_for_deleted_rows_resumes_where_the_last_process_stopped(sync:
 
     assert status_of(sync, 5).status == "left"
     assert sync.emulator.received(1005)[-1] == dict.fromkeys(CONTACT_COLUMNS, "")
+
+
+def test_identity_users_who_leave_are_cleared_at_their_stored_euid_and_never_registered(
+    sync: Sync,
+) -> None:
+    """With ``source.identity``, users who leave in each of the three ways are cleared at the
+    EUID resolved for them before, with no new register call; a user who never consented is
+    recorded as left without ever being registered."""
+    sql(sync.users, LEAVE_COLUMNS)
+    sync.write(
+        source={
+            "euid": None,
+            "identity": {"name": "user_id", "column": "name"},
+            "consent": "consent",
+            "deleted": "deleted_at",
+        },
+        engagelab={"on_leave": "clear"},
+        audit={"enabled": True},
+    )
+    sync.users.add_users(range(1, 6))
+    sql(sync.users, "UPDATE users SET consent = false WHERE id = 5")
+    once(sync)
+    euids = {i: euid_for(0, "user_id", f"user {i}") for i in range(1, 6)}
+    registered = [v for _, values in sync.emulator.register_calls() for v in values]
+    assert sorted(registered) == [f"user {i}" for i in range(1, 5)]
+    assert set(sync.emulator.contacts) == {euids[i] for i in range(1, 5)}
+    sql(sync.users, "UPDATE users SET consent = false, updated_at = now() WHERE id = 1")
+    sql(sync.users, "UPDATE users SET deleted_at = now(), updated_at = now() WHERE id = 2")
+    sql(sync.users, "DELETE FROM users WHERE id = 3")
+    calls = len(sync.emulator.register_calls())
+
+    once(sync)
+
+    assert len(sync.emulator.register_calls()) == calls
+    cleared = dict.fromkeys(CONTACT_COLUMNS, "")
+    for key in (1, 2, 3):
+        assert sync.emulator.received(euids[key])[-1] == cleared
+        assert sync.emulator.contacts.get(euids[key], {}) == {}
+    assert sync.emulator.contacts[euids[4]] == {"email": "user4@example.com"}
+    statuses = {key: status_of(sync, key).status for key in (1, 2, 3, 5)}
+    assert statuses == {1: "left", 2: "left", 3: "left", 5: "left"}
+    assert euids[5] not in sync.emulator.contacts
