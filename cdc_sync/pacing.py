@@ -128,9 +128,7 @@ class Pacer:
         answers.append((now, signal))
         while answers and answers[0][0] < now - WINDOW:
             answers.popleft()
-        slowing = signal is Signal.THROTTLED or (
-            signal is Signal.OVERLOADED and self._overloaded()
-        )
+        slowing = signal is Signal.THROTTLED or (signal is Signal.OVERLOADED and self._overloaded())
         if slowing and now - self._cut >= WINDOW:
             accepted = sum(1 for _, s in answers if s is Signal.ACCEPTED) / WINDOW
             fallback = (self.rate or len(answers) / WINDOW) / 2

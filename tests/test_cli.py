@@ -31,13 +31,17 @@ WRONG_SECRET = "Wr0ng/sekret+value=17"
 DELETE = object()
 
 
-def cdc_sync(config: Path | None, *args: str,
-             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cdc_sync(
+    config: Path | None, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the command line in a child process, as an operator would, and capture its output."""
     options = ["-c", str(config)] if config is not None else []
     return subprocess.run(
         [sys.executable, "-m", "cdc_sync.cli", *options, *args],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
         env=dict(os.environ if env is None else env),
         cwd=config.parent if config is not None else None,
     )
@@ -55,9 +59,14 @@ def environ(**values: str | None) -> dict[str, str]:
 
 def offline_config(directory: Path, **overrides: Any) -> Path:
     """A valid config whose databases and API are never reached by a config error."""
-    return write_config(directory / "config.yaml", source_url=UNREACHABLE,
-                        state_url=f"sqlite:///{directory}/state.db",
-                        api_url="http://127.0.0.1:9", secret=SECRET, **overrides)
+    return write_config(
+        directory / "config.yaml",
+        source_url=UNREACHABLE,
+        state_url=f"sqlite:///{directory}/state.db",
+        api_url="http://127.0.0.1:9",
+        secret=SECRET,
+        **overrides,
+    )
 
 
 def edit(path: Path, key: str, value: object) -> Path:
@@ -78,9 +87,16 @@ def edit(path: Path, key: str, value: object) -> Path:
 def add_users_in_order(users: UserDb, ids: Iterable[int]) -> None:
     """Users with an email and euid 1000+id, each updated one second after the one before."""
     start = datetime(2024, 1, 1, tzinfo=UTC)
-    users.insert({"id": i, "name": f"user {i}", "email": f"user{i}@example.com",
-                  "engagelab_euid": 1000 + i, "updated_at": start + timedelta(seconds=i)}
-                 for i in ids)
+    users.insert(
+        {
+            "id": i,
+            "name": f"user {i}",
+            "email": f"user{i}@example.com",
+            "engagelab_euid": 1000 + i,
+            "updated_at": start + timedelta(seconds=i),
+        }
+        for i in ids
+    )
 
 
 def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
@@ -106,8 +122,13 @@ class Sync:
     def write(self, **overrides: Any) -> None:
         """Rewrite the config, changing only ``overrides``."""
         state_url = yaml.safe_load(self.config.read_text())["state"]["url"]
-        write_config(self.config, source_url=self.users.url, state_url=state_url,
-                     api_url=self.api.url, **overrides)
+        write_config(
+            self.config,
+            source_url=self.users.url,
+            state_url=state_url,
+            api_url=self.api.url,
+            **overrides,
+        )
 
     def requests(self) -> int:
         return int(self.emulator.stats()["requests"])
@@ -116,8 +137,9 @@ class Sync:
 @pytest.fixture
 def sync(users: UserDb, state_url: str, api: EmulatorServer, tmp_path: Path) -> Sync:
     """A migrated sync over an empty users table, on each state backend."""
-    config = write_config(tmp_path / "config.yaml", source_url=users.url, state_url=state_url,
-                          api_url=api.url)
+    config = write_config(
+        tmp_path / "config.yaml", source_url=users.url, state_url=state_url, api_url=api.url
+    )
     migrated = cdc_sync(config, "migrate")
     assert migrated.returncode == 0, migrated.stderr
     return Sync(config, users, api)
@@ -145,8 +167,9 @@ def test_yaml_syntax_error_exits_78_with_the_position(tmp_path: Path) -> None:
     result = cdc_sync(config, "once")
 
     assert result.returncode == 78
-    assert re.search(rf"{re.escape(str(config))}: not valid YAML at line \d+, column \d+",
-                     result.stderr), result.stderr
+    assert re.search(
+        rf"{re.escape(str(config))}: not valid YAML at line \d+, column \d+", result.stderr
+    ), result.stderr
     assert_no_traceback(result)
 
 
@@ -180,8 +203,9 @@ def test_unset_environment_variable_exits_78_naming_it(tmp_path: Path) -> None:
     result = cdc_sync(config, "once", env=environ(ENGAGELAB_API_SECRET=None))
 
     assert result.returncode == 78
-    assert (f"{config}: engagelab.api_secret: environment variable ENGAGELAB_API_SECRET "
-            "is not set") in result.stderr
+    assert (
+        f"{config}: engagelab.api_secret: environment variable ENGAGELAB_API_SECRET is not set"
+    ) in result.stderr
     assert_no_traceback(result)
 
 
@@ -209,8 +233,14 @@ def test_database_url_with_an_uninstalled_driver_exits_78(tmp_path: Path, key: s
         ("engagelab.api_secrte", "${ENGAGELAB_API_SECRET}", SECRET),
         ("engagelab.api_key", "", SECRET + "\n"),
     ],
-    ids=["elsewhere", "quoted as a number", "quoted as a name", "quoted as a duration",
-         "under a misspelt key", "secret with a newline"],
+    ids=[
+        "elsewhere",
+        "quoted as a number",
+        "quoted as a name",
+        "quoted as a duration",
+        "under a misspelt key",
+        "secret with a newline",
+    ],
 )
 def test_secret_never_appears_in_config_errors(
     tmp_path: Path, key: str, value: str, secret: str
@@ -306,8 +336,9 @@ def test_missing_source_column_exits_69_listing_it(
     users: UserDb, tmp_path: Path, command: str
 ) -> None:
     """A contact mapped to a column the table lacks names that column and lists the real ones."""
-    config = offline_config(tmp_path, source={"url": users.url},
-                            contacts={"whatsapp_phone": "whatsapp_number"})
+    config = offline_config(
+        tmp_path, source={"url": users.url}, contacts={"whatsapp_phone": "whatsapp_number"}
+    )
     assert cdc_sync(config, "migrate").returncode == 0
 
     result = cdc_sync(config, command)
@@ -360,8 +391,10 @@ def test_check_without_index_prints_the_statement_and_lookback(
     result = cdc_sync(config, "check")
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "CREATE INDEX CONCURRENTLY users_updated_at_id_idx ON users (updated_at, id);" \
+    assert (
+        "CREATE INDEX CONCURRENTLY users_updated_at_id_idx ON users (updated_at, id);"
         in result.stdout
+    )
     assert re.search(r"^lookback\s+(5m|0:05:00) ", result.stdout, re.M), result.stdout
     assert SECRET not in result.stdout + result.stderr
 
@@ -412,8 +445,11 @@ def test_check_before_migrate_fails_saying_run_migrate(users: UserDb, tmp_path: 
     result = cdc_sync(config, "check")
 
     assert result.returncode != 0
-    assert re.search(r"^state .*tracking tables at nothing, need \S+; run `cdc-sync migrate`$",
-                     result.stdout, re.M), result.stdout
+    assert re.search(
+        r"^state .*tracking tables at nothing, need \S+; run `cdc-sync migrate`$",
+        result.stdout,
+        re.M,
+    ), result.stdout
     assert SECRET not in result.stdout + result.stderr
 
 
@@ -427,8 +463,11 @@ def test_once_pushes_every_user_with_contacts(sync: Sync) -> None:
     result = sync("once")
 
     assert result.returncode == 0, result.stderr
-    assert re.fullmatch(r"cycle \d+ ok: read 30, pushed 30, unchanged 0, retrying 0, deferred 0, "
-                        r"failed 0, skipped 0\n", result.stdout), result.stdout
+    assert re.fullmatch(
+        r"cycle \d+ ok: read 30, pushed 30, unchanged 0, retrying 0, deferred 0, "
+        r"failed 0, skipped 0\n",
+        result.stdout,
+    ), result.stdout
     assert sync.emulator.contacts == sync.users.expected_contacts()
 
 
@@ -502,8 +541,9 @@ def test_wrong_secret_exits_3_and_loses_nothing(sync: Sync) -> None:
     """EngageLab refusing the credentials stops the cycle at once (exit 3) and loses no user."""
     add_users_in_order(sync.users, range(1, 31))
     concurrency = 3
-    sync.write(secret=WRONG_SECRET, source={"lookback": "0s"},
-               engagelab={"concurrency": concurrency})
+    sync.write(
+        secret=WRONG_SECRET, source={"lookback": "0s"}, engagelab={"concurrency": concurrency}
+    )
 
     refused = sync("once")
 
@@ -614,9 +654,7 @@ def test_sslmode_in_a_database_url_reaches_libpq(users: UserDb, tmp_path: Path) 
     assert_no_traceback(demanding)
 
 
-def test_an_untrusted_certificate_exits_3_saying_what_failed(
-    users: UserDb, tmp_path: Path
-) -> None:
+def test_an_untrusted_certificate_exits_3_saying_what_failed(users: UserDb, tmp_path: Path) -> None:
     """A certificate the client refuses ends ``once`` with exit 3 and a configuration message."""
     add_users_in_order(users, range(1, 4))
     with https_server(trustme.CA()) as url:
@@ -704,7 +742,9 @@ STATE_PASSWORD = "State-Pa55w0rd-92"
 
 def with_password(url: str, password: str) -> str:
     """A test server's URL with a password (the servers trust loopback, so any is accepted)."""
-    return url.replace("postgresql+psycopg://postgres@", f"postgresql+psycopg://postgres:{password}@")
+    return url.replace(
+        "postgresql+psycopg://postgres@", f"postgresql+psycopg://postgres:{password}@"
+    )
 
 
 def tracking_rows(state_url: str) -> str:
@@ -804,8 +844,9 @@ def test_a_sqlite_contact_that_is_not_utf8_skips_its_user_and_quotes_nothing(
 
     assert [r.returncode for r in outputs] == [0, 0, 0], outputs[0].stderr
     assert set(api.emulator.all_received()) == {1001, 1002, 1004, 1005}
-    assert re.search(r"^\s+3\s+1003\s+skipped\s.*contact email is not valid UTF-8 text",
-                     outputs[2].stdout, re.M), outputs[2].stdout
+    assert re.search(
+        r"^\s+3\s+1003\s+skipped\s.*contact email is not valid UTF-8 text", outputs[2].stdout, re.M
+    ), outputs[2].stdout
     text = "\n".join(r.stdout + r.stderr for r in outputs) + tracking_rows(
         f"sqlite:///{tmp_path}/state.db"
     )

@@ -12,9 +12,10 @@ import pytest
 from configs import DELETE, ENV, REPO, SECRET, changed, failure, load, minimal
 from pydantic import BaseModel, ValidationError
 
-from cdc_sync.config import ContactKey, Settings, load_settings
+from cdc_sync.config import Settings, load_settings
 from cdc_sync.configfile import interpolate
 from cdc_sync.errors import ConfigError
+from cdc_sync.mapping import ContactKey
 
 # --- the shipped and documented configs -------------------------------------------------------
 
@@ -256,8 +257,12 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         ("normalize.phone_region", "XX", "normalize.phone_region", "not a region phonenumbers"),
         ("normalize.phone_format", "E164", "normalize.phone_format", None),
         ("normalize.phone_format", "plus", "normalize.phone_format", "'e164' or 'digits'"),
-        ("normalize.phone_formats", {"email": "digits"}, "normalize.phone_formats.email",
-         "'mobile_phone', 'landline_phone' or 'whatsapp_phone'"),
+        (
+            "normalize.phone_formats",
+            {"email": "digits"},
+            "normalize.phone_formats.email",
+            "'mobile_phone', 'landline_phone' or 'whatsapp_phone'",
+        ),
         ("normalize.phone_formats", {"whatsapp_phone": "digits"}, "normalize.phone_formats", None),
         ("normalize.email", True, "normalize.email", "did you mean 'emails'?"),
         ("source.consent", "", "source.consent", "must not be empty"),

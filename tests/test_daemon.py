@@ -33,18 +33,32 @@ def cdc_sync_args(config: Path, *args: str) -> list[str]:
 
 def cdc_sync(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run one command to completion and capture its output."""
-    return subprocess.run(cdc_sync_args(config, *args), capture_output=True, text=True,
-                          timeout=120, check=False, env=dict(os.environ), cwd=config.parent)
+    return subprocess.run(
+        cdc_sync_args(config, *args),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=dict(os.environ),
+        cwd=config.parent,
+    )
 
 
 @contextmanager
-def daemon(config: Path, command: str = "run",
-           env: Mapping[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+def daemon(
+    config: Path, command: str = "run", env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
     """``cdc-sync run`` (or another command) in a child process (this environment plus ``env``),
     its output in files beside the config; killed if the test leaves it running."""
     with (config.parent / "run.out").open("w") as out, (config.parent / "run.err").open("w") as err:
-        process = subprocess.Popen(cdc_sync_args(config, command), stdout=out, stderr=err,
-                                   text=True, env={**os.environ, **(env or {})}, cwd=config.parent)
+        process = subprocess.Popen(
+            cdc_sync_args(config, command),
+            stdout=out,
+            stderr=err,
+            text=True,
+            env={**os.environ, **(env or {})},
+            cwd=config.parent,
+        )
         try:
             yield process
         finally:
@@ -57,8 +71,9 @@ def stderr_of(config: Path) -> str:
     return (config.parent / "run.err").read_text()
 
 
-def wait_until(condition: Callable[[], bool], what: str,
-               process: subprocess.Popen[str] | None = None) -> None:
+def wait_until(
+    condition: Callable[[], bool], what: str, process: subprocess.Popen[str] | None = None
+) -> None:
     """Wait for ``condition`` (a readiness wait); fail after DEADLINE or if ``process`` exits."""
     deadline = time.monotonic() + DEADLINE
     while not condition():
@@ -72,9 +87,16 @@ def wait_until(condition: Callable[[], bool], what: str,
 def add_users_in_order(users: UserDb, ids: Iterable[int]) -> None:
     """Users with an email and euid 1000+id, each updated one second after the one before."""
     start = datetime(2024, 1, 1, tzinfo=UTC)
-    users.insert({"id": i, "name": f"user {i}", "email": f"user{i}@example.com",
-                  "engagelab_euid": 1000 + i, "updated_at": start + timedelta(seconds=i)}
-                 for i in ids)
+    users.insert(
+        {
+            "id": i,
+            "name": f"user {i}",
+            "email": f"user{i}@example.com",
+            "engagelab_euid": 1000 + i,
+            "updated_at": start + timedelta(seconds=i),
+        }
+        for i in ids
+    )
 
 
 def read_state(url: str, table: str) -> list[dict[str, Any]]:
@@ -95,9 +117,14 @@ def test_signal_stops_the_daemon_after_recording_what_it_pushed(
     add_users_in_order(users, range(1, 301))
     emulator = api.emulator
     emulator.set_faults(Faults(latency=0.05))
-    config = write_config(tmp_path / "config.yaml", source_url=users.url, state_url=state_url,
-                          api_url=api.url, source={"batch_size": 20, "lookback": "0s"},
-                          engagelab={"concurrency": 2})
+    config = write_config(
+        tmp_path / "config.yaml",
+        source_url=users.url,
+        state_url=state_url,
+        api_url=api.url,
+        source={"batch_size": 20, "lookback": "0s"},
+        engagelab={"concurrency": 2},
+    )
     assert cdc_sync(config, "migrate").returncode == 0
 
     with daemon(config) as process:
@@ -134,23 +161,32 @@ def test_daemon_picks_up_a_change_made_while_it_runs(
     """A user changed while the daemon runs reaches EngageLab on a later cycle."""
     users.add_users(range(1, 21))
     emulator = api.emulator
-    config = write_config(tmp_path / "config.yaml", source_url=users.url,
-                          state_url=f"sqlite:///{tmp_path}/state.db", api_url=api.url,
-                          schedule={"interval": "1s"})
+    config = write_config(
+        tmp_path / "config.yaml",
+        source_url=users.url,
+        state_url=f"sqlite:///{tmp_path}/state.db",
+        api_url=api.url,
+        schedule={"interval": "1s"},
+    )
     assert cdc_sync(config, "migrate").returncode == 0
 
     with daemon(config) as process:
         wait_until(lambda: emulator.stats()["accepted"] >= 20, "every user was accepted", process)
         users.change(5, email="changed5@example.com")
-        wait_until(lambda: emulator.contacts[1005]["email"] == "changed5@example.com",
-                   "the changed email arrived", process)
+        wait_until(
+            lambda: emulator.contacts[1005]["email"] == "changed5@example.com",
+            "the changed email arrived",
+            process,
+        )
         process.send_signal(signal.SIGTERM)
         status = process.wait(timeout=DEADLINE)
 
     assert status == 0, stderr_of(config)
     assert "Traceback" not in stderr_of(config)
-    assert [p["email"] for p in emulator.received(1005)] == ["user5@example.com",
-                                                             "changed5@example.com"]
+    assert [p["email"] for p in emulator.received(1005)] == [
+        "user5@example.com",
+        "changed5@example.com",
+    ]
     assert all(len(got) == 1 for euid, got in emulator.all_received().items() if euid != 1005)
 
 
@@ -167,9 +203,14 @@ def test_sigterm_ends_a_retry_after_pause_within_the_documented_bound(
     add_users_in_order(users, range(1, 41))
     emulator = api.emulator
     emulator.set_faults(Faults(throttled_euids=[TOLD], retry_after=600))
-    config = write_config(tmp_path / "config.yaml", source_url=users.url, state_url=state_url,
-                          api_url=api.url, source={"batch_size": 10, "lookback": "0s"},
-                          engagelab={"concurrency": 2})
+    config = write_config(
+        tmp_path / "config.yaml",
+        source_url=users.url,
+        state_url=state_url,
+        api_url=api.url,
+        source={"batch_size": 10, "lookback": "0s"},
+        engagelab={"concurrency": 2},
+    )
     bound = stop_within(load_settings(config, os.environ))
     assert cdc_sync(config, "migrate").returncode == 0
 
@@ -191,8 +232,10 @@ def test_sigterm_ends_a_retry_after_pause_within_the_documented_bound(
     assert {key for key, s in statuses.items() if s["status"] == "synced"} == accepted
     assert set(statuses) == accepted and len(accepted) < 39
     (watermark,) = read_state(state_url, "cdc_sync_state")
-    assert all(i in statuses or i == TOLD - 1000
-               for i in range(1, decode_value(watermark["key_value"]) + 1))
+    assert all(
+        i in statuses or i == TOLD - 1000
+        for i in range(1, decode_value(watermark["key_value"]) + 1)
+    )
 
     emulator.set_faults(Faults())
     after = cdc_sync(config, "once")

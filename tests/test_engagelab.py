@@ -325,6 +325,7 @@ def test_server_faults_are_transient(
     with client(server.url) as api:
         [result] = api.push_all([Payload(100, {"email": "a@b.c"})])
 
+    assert result is not None
     assert result == ApiResult(T, result.code, result.status, message)
 
 

@@ -41,8 +41,13 @@ def acquire_within(lock: InstanceLock, deadline: float = DEADLINE) -> bool:
         timer.cancel()
 
 
-def wait_for(condition: Callable[[], bool], what: str, *, deadline: float = DEADLINE,
-             details: Callable[[], str] = lambda: "") -> None:
+def wait_for(
+    condition: Callable[[], bool],
+    what: str,
+    *,
+    deadline: float = DEADLINE,
+    details: Callable[[], str] = lambda: "",
+) -> None:
     """Poll ``condition`` every 50 ms until it holds; fail, saying ``what``, after ``deadline``."""
     give_up = time.monotonic() + deadline
     while not condition():
@@ -155,11 +160,17 @@ def test_loss_of_the_lock_is_noticed(
         lock_file_path(str(state_db.url.database), "users").unlink()
     else:
         with state_db.connect() as connection:
-            ended = connection.execute(
-                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                     "WHERE datname = current_database() "
-                     "AND application_name LIKE 'cdc-sync lock%'")
-            ).scalars().all()
+            ended = (
+                connection.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() "
+                        "AND application_name LIKE 'cdc-sync lock%'"
+                    )
+                )
+                .scalars()
+                .all()
+            )
         assert ended == [True]
 
     assert not lock.still_held()
@@ -246,11 +257,13 @@ def test_lock_of_a_killed_process_is_taken_over(
     """When the holding process is SIGKILLed, the lock is freed and a waiter gets it."""
     out = tmp_path / "holder.out"
     with out.open("w") as sink:
-        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, state_url],
-                                  stdout=sink, stderr=subprocess.STDOUT)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, state_url], stdout=sink, stderr=subprocess.STDOUT
+        )
     try:
-        wait_for(lambda: "locked" in out.read_text(), "the child to take the lock",
-                 details=out.read_text)
+        wait_for(
+            lambda: "locked" in out.read_text(), "the child to take the lock", details=out.read_text
+        )
         waiter = locks()
         refused = not waiter.try_acquire()
 
@@ -417,7 +430,9 @@ class Setup:
         with log.open("w") as sink:
             process = subprocess.Popen(
                 [sys.executable, "-m", "cdc_sync.cli", "-c", str(self.config), "run"],
-                stdout=sink, stderr=subprocess.STDOUT, cwd=self.directory,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
             )
         self.started.append(Instance(process, log))
         return self.started[-1]
@@ -451,9 +466,13 @@ def setup(pg_database: str, state_url: str, tmp_path: Path) -> Iterator[Setup]:
     emulator = Emulator("key", "secret")
     emulator.set_faults(Faults(latency=0.02))
     with EmulatorServer(emulator) as server:
-        config = write_config(tmp_path / "config.yaml", source_url=pg_database,
-                              state_url=state_url, api_url=server.url,
-                              logging={"level": "INFO", "format": "console"})
+        config = write_config(
+            tmp_path / "config.yaml",
+            source_url=pg_database,
+            state_url=state_url,
+            api_url=server.url,
+            logging={"level": "INFO", "format": "console"},
+        )
         world = Setup(users, emulator, state_url, config, tmp_path)
         try:
             yield world
@@ -468,15 +487,20 @@ def test_two_daemons_never_push_at_once_and_the_survivor_takes_over(setup: Setup
     """Of two daemons on one tracking database only the lock holder cycles; when it is
     SIGKILLed the other takes the lock and syncs on, and SIGTERM then stops it with 0."""
     first = setup.start("first")
-    wait_for(lambda: first.logged("lock_acquired") and setup.in_step(),
-             "the first daemon to sync", details=setup.logs)
+    wait_for(
+        lambda: first.logged("lock_acquired") and setup.in_step(),
+        "the first daemon to sync",
+        details=setup.logs,
+    )
     second = setup.start("second")
-    wait_for(lambda: second.logged("lock_waiting"), "the second daemon to wait",
-             details=setup.logs)
+    wait_for(lambda: second.logged("lock_waiting"), "the second daemon to wait", details=setup.logs)
     runs_before = len(setup.runs())
     setup.users.add_users(range(31, 41))
-    wait_for(lambda: setup.in_step() and len(setup.runs()) >= runs_before + 2,
-             "two more cycles while both run", details=setup.logs)
+    wait_for(
+        lambda: setup.in_step() and len(setup.runs()) >= runs_before + 2,
+        "two more cycles while both run",
+        details=setup.logs,
+    )
 
     assert not second.logged("cycle_started"), setup.logs()
     assert first.process.poll() is None and second.process.poll() is None
@@ -485,8 +509,11 @@ def test_two_daemons_never_push_at_once_and_the_survivor_takes_over(setup: Setup
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(timeout=DEADLINE)
     setup.users.add_users(range(41, 61))
-    wait_for(lambda: second.logged("lock_acquired") and setup.in_step(),
-             "the second daemon to take over and sync the new users", details=setup.logs)
+    wait_for(
+        lambda: second.logged("lock_acquired") and setup.in_step(),
+        "the second daemon to take over and sync the new users",
+        details=setup.logs,
+    )
 
     second.process.send_signal(signal.SIGTERM)
     status = second.process.wait(timeout=DEADLINE)
@@ -498,8 +525,12 @@ def test_two_daemons_never_push_at_once_and_the_survivor_takes_over(setup: Setup
     assert waiting < acquired < cycled < released  # type: ignore[operator]
     # The run the kill interrupted has no finish; it ended when the kill was sent, at the latest.
     spans = [(start, end or kill_sent_at) for start, end in setup.runs()]
-    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:]
-                   if not (a[1] <= b[0] or b[1] <= a[0])]
+    overlapping = [
+        (a, b)
+        for i, a in enumerate(spans)
+        for b in spans[i + 1 :]
+        if not (a[1] <= b[0] or b[1] <= a[0])
+    ]
     assert overlapping == []
     assert any(start > kill_sent_at for start, _ in spans)
 

@@ -47,9 +47,17 @@ def test_models_match_the_migrations(state_url: str) -> None:
     store.migrate()
 
     with store.engine.connect() as connection:
-        diff = compare_metadata(MigrationContext.configure(connection, opts={
-            "compare_type": True, "compare_server_default": True,
-            "version_table": VERSION_TABLE}), metadata)
+        diff = compare_metadata(
+            MigrationContext.configure(
+                connection,
+                opts={
+                    "compare_type": True,
+                    "compare_server_default": True,
+                    "version_table": VERSION_TABLE,
+                },
+            ),
+            metadata,
+        )
 
     assert diff == []
 

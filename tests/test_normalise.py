@@ -184,14 +184,14 @@ _written_emails = st.builds(
 @given(_written_phones, _regions, st.sampled_from(["e164", "digits"]))
 def test_phone_normalisation_is_idempotent_and_sendable(text: str, region: str, form: str) -> None:
     """A normalised phone normalises to itself, and the emulator accepts it for every phone key."""
-    normal = phone(text, region, form)  # type: ignore[arg-type]
+    normal = phone(text, region, form)
 
     if isinstance(normal, Refused):
         assert text not in normal.reason or not text.strip()
         return
     again = normal if form == "e164" else "+" + normal
-    assert phone(again, region, form) == normal  # type: ignore[arg-type]
-    assert phone(again, None, form) == normal  # type: ignore[arg-type]
+    assert phone(again, region, form) == normal
+    assert phone(again, None, form) == normal
     assert all(contact_value_ok(key, normal) for key in PHONE_KEYS)
 
 

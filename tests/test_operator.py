@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, select
@@ -43,9 +44,15 @@ class Running:
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run an operator command beside the daemon, with no terminal on stdin."""
-        return subprocess.run(cdc_sync_args(self.config, *args), capture_output=True, text=True,
-                              timeout=120, check=False, stdin=subprocess.DEVNULL,
-                              cwd=self.config.parent)
+        return subprocess.run(
+            cdc_sync_args(self.config, *args),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            cwd=self.config.parent,
+        )
 
     def until(self, condition: object, what: str) -> None:
         wait_until(condition, what, self.process)  # type: ignore[arg-type]
@@ -54,14 +61,15 @@ class Running:
         rows = read_state(self.state_url, "cdc_sync_status")
         return next((r["status"] for r in rows if r["source_key"] == str(key)), None)
 
-    def runs_after(self, run_id: int) -> list[dict[str, object]]:
+    def runs_after(self, run_id: int) -> list[dict[str, Any]]:
         engine = create_engine(self.state_url)
         try:
             with engine.connect() as connection:
                 rows = connection.execute(
-                    select(sync_runs).where(sync_runs.c.id > run_id,
-                                            sync_runs.c.finished_at.is_not(None))
-                    .order_by(sync_runs.c.id))
+                    select(sync_runs)
+                    .where(sync_runs.c.id > run_id, sync_runs.c.finished_at.is_not(None))
+                    .order_by(sync_runs.c.id)
+                )
                 return [dict(r._mapping) for r in rows]
         finally:
             engine.dispose()
@@ -71,18 +79,26 @@ class Running:
 
 
 @pytest.fixture
-def running(users: UserDb, api: EmulatorServer, state_url: str,
-            tmp_path: Path) -> Iterator[Running]:
+def running(
+    users: UserDb, api: EmulatorServer, state_url: str, tmp_path: Path
+) -> Iterator[Running]:
     """Twenty users, user 5 refused for good (40007) on its first push, all others synced."""
     add_users_in_order(users, USERS)
     api.emulator.set_faults(Faults(fail_codes={1005: 40007}))
-    config = write_config(tmp_path / "config.yaml", source_url=users.url, state_url=state_url,
-                          api_url=api.url, source={"lookback": "0s"})
+    config = write_config(
+        tmp_path / "config.yaml",
+        source_url=users.url,
+        state_url=state_url,
+        api_url=api.url,
+        source={"lookback": "0s"},
+    )
     assert cdc_sync(config, "migrate").returncode == 0
     with daemon(config) as process:
         world = Running(users, api, config, state_url, process)
-        world.until(lambda: world.status_of(5) == "failed" and len(api.emulator.contacts) == 19,
-                    "the first cycle recorded every user")
+        world.until(
+            lambda: world.status_of(5) == "failed" and len(api.emulator.contacts) == 19,
+            "the first cycle recorded every user",
+        )
         # The users are recorded with their page; the cycle goes on to write the sync's state
         # (the sweep of rows outside the cursor's reach) before its run row is finished.
         world.until(lambda: bool(world.runs_after(0)), "the first cycle finished")
@@ -146,8 +162,10 @@ def test_resync_all_pushes_every_user_again(running: Running) -> None:
 
     assert result.returncode == 0, result.stderr
     received = running.api.emulator.all_received
-    running.until(lambda: all(len(received().get(1000 + i, ())) == 2 for i in USERS if i != 5),
-                  "every synced user was sent again")
+    running.until(
+        lambda: all(len(received().get(1000 + i, ())) == 2 for i in USERS if i != 5),
+        "every synced user was sent again",
+    )
     running.until(lambda: running.status_of(5) == "synced", "user 5 too, now accepted")
 
 
@@ -166,8 +184,9 @@ def test_reset_watermark_needs_confirmation_then_rereads_from_the_time(running: 
 
     assert result.returncode == 0, result.stderr
     assert "the next cycle starts from" in result.stdout
-    running.until(lambda: any(r["rows_read"] > 1 for r in running.runs_after(last)),
-                  "a cycle read rows again")
+    running.until(
+        lambda: any(r["rows_read"] > 1 for r in running.runs_after(last)), "a cycle read rows again"
+    )
     reread = next(r for r in running.runs_after(last) if r["rows_read"] > 1)
     # users 15 to 20, and 14: the new watermark's row, which every cycle reads again
     assert reread["rows_read"] == 7
@@ -185,8 +204,9 @@ def test_reset_watermark_to_the_beginning_rereads_the_whole_table(running: Runni
     result = running("reset-watermark", "--beginning", "--yes")
 
     assert result.returncode == 0, result.stderr
-    running.until(lambda: any(r["rows_read"] > 1 for r in running.runs_after(last)),
-                  "a cycle read rows again")
+    running.until(
+        lambda: any(r["rows_read"] > 1 for r in running.runs_after(last)), "a cycle read rows again"
+    )
     reread = next(r for r in running.runs_after(last) if r["rows_read"] > 1)
     assert (reread["rows_read"], reread["pushed"], reread["watermark_before"]) == (20, 0, None)
 
@@ -216,8 +236,12 @@ def test_dry_run_counts_and_samples_what_would_be_pushed(
     API and writing no run, status or watermark."""
     add_users_in_order(users, USERS)
     users.change(7, engagelab_euid=None)  # skipped: no euid
-    config = write_config(tmp_path / "config.yaml", source_url=users.url,
-                          state_url=f"sqlite:///{tmp_path}/state.db", api_url=api.url)
+    config = write_config(
+        tmp_path / "config.yaml",
+        source_url=users.url,
+        state_url=f"sqlite:///{tmp_path}/state.db",
+        api_url=api.url,
+    )
     assert cdc_sync(config, "migrate").returncode == 0
 
     result = cdc_sync(config, "once", "--dry-run", "--sample", "3")
@@ -239,9 +263,13 @@ def test_a_pending_reset_shows_in_status_and_the_dry_run(
     """A reset asked for while no daemon runs waits for the next cycle; status and the dry run
     both start from it."""
     add_users_in_order(users, USERS)
-    config = write_config(tmp_path / "config.yaml", source_url=users.url,
-                          state_url=f"sqlite:///{tmp_path}/state.db", api_url=api.url,
-                          source={"lookback": "0s"})
+    config = write_config(
+        tmp_path / "config.yaml",
+        source_url=users.url,
+        state_url=f"sqlite:///{tmp_path}/state.db",
+        api_url=api.url,
+        source={"lookback": "0s"},
+    )
     assert cdc_sync(config, "migrate").returncode == 0
     assert cdc_sync(config, "once").returncode == 0
     at = datetime(2024, 1, 1, 0, 0, 18, tzinfo=UTC).isoformat()

@@ -144,9 +144,10 @@ def test_rate_grows_back_to_the_limit_and_no_further() -> None:
     answer(pacer, clock, Signal.ACCEPTED, 80, 1.0)
     pacer.record(Signal.THROTTLED)
 
-    rates = []
+    rates: list[float] = []
     for _ in range(12):
         answer(pacer, clock, Signal.ACCEPTED, 50, 1.0)
+        assert pacer.rate is not None
         rates.append(pacer.rate)
 
     first_step = next(rate for rate in rates if rate != 72.0)

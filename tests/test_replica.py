@@ -394,6 +394,7 @@ def test_a_lagging_standby_anchors_the_window_at_its_replay(standby_pair, tmp_pa
             world.users.change(2, email="late@example.com", updated_at=late)
             with world.users.engine.connect() as connection:
                 committed = connection.scalar(select(func.now()))
+            assert committed is not None
             with world.source_engine.connect() as connection:
                 wait_for(
                     lambda: (

@@ -55,8 +55,9 @@ def test_status_is_formatted_from_values_alone() -> None:
 
     at = datetime(2026, 1, 2, 3, 4, 5)
     run = RunRow(7, at, at, "ok", RunCounts(rows_read=3, pushed=2), 1.5, None, '[1, "a"]', None)
-    user = UserStatus("a", 42, Status.FAILED, None, "h", 1, 40007, "bad email", at, at, None,
-                      None, at)
+    user = UserStatus(
+        "a", 42, Status.FAILED, None, "h", 1, 40007, "bad email", at, at, None, None, at
+    )
     progress = Progress(watermark=Position(1, "a"))
     view = StatusView("users", progress, {"synced": 2, "failed": 1}, [run], [user])
 

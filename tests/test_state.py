@@ -30,12 +30,32 @@ def store(state_url: str) -> Iterator[StateStore]:
     s.engine.dispose()
 
 
-def upd(key: str, status: Status = Status.SYNCED, *, pushed: str | None = "h1",
-        attempted: str = "h1", attempts: int = 0, attempted_at: datetime | None = NOW,
-        succeeded_at: datetime | None = NOW, next_at: datetime | None = None,
-        code: int | None = 0, message: str = "success") -> Update:
-    return Update(key, 42, status, pushed, attempted, attempts, code, message, attempted_at,
-                  succeeded_at, next_at)
+def upd(
+    key: str,
+    status: Status = Status.SYNCED,
+    *,
+    pushed: str | None = "h1",
+    attempted: str = "h1",
+    attempts: int = 0,
+    attempted_at: datetime | None = NOW,
+    succeeded_at: datetime | None = NOW,
+    next_at: datetime | None = None,
+    code: int | None = 0,
+    message: str = "success",
+) -> Update:
+    return Update(
+        key,
+        42,
+        status,
+        pushed,
+        attempted,
+        attempts,
+        code,
+        message,
+        attempted_at,
+        succeeded_at,
+        next_at,
+    )
 
 
 def test_commit_page_inserts_then_updates(store: StateStore) -> None:
@@ -43,9 +63,24 @@ def test_commit_page_inserts_then_updates(store: StateStore) -> None:
     store.commit_page([upd("1")], None, NOW)
     later = NOW + timedelta(hours=1)
 
-    store.commit_page([upd("1", Status.RETRYING, attempted="h2", attempts=1, attempted_at=later,
-                           succeeded_at=None, next_at=later + timedelta(seconds=30), code=-1,
-                           message="internal error", pushed=None)], None, later)
+    store.commit_page(
+        [
+            upd(
+                "1",
+                Status.RETRYING,
+                attempted="h2",
+                attempts=1,
+                attempted_at=later,
+                succeeded_at=None,
+                next_at=later + timedelta(seconds=30),
+                code=-1,
+                message="internal error",
+                pushed=None,
+            )
+        ],
+        None,
+        later,
+    )
 
     row = store.status_of("1")
     assert row is not None
@@ -90,12 +125,16 @@ def test_page_outcomes_and_watermark_commit_together(store: StateStore) -> None:
 
 def test_due_retries_are_oldest_first_and_only_due(store: StateStore) -> None:
     """Only retrying users whose next attempt has come are returned, earliest first."""
-    store.commit_page([
-        upd("late", Status.RETRYING, next_at=NOW + timedelta(minutes=5)),
-        upd("b", Status.RETRYING, next_at=NOW - timedelta(minutes=1)),
-        upd("a", Status.RETRYING, next_at=NOW - timedelta(minutes=9)),
-        upd("failed", Status.FAILED),
-    ], None, NOW)
+    store.commit_page(
+        [
+            upd("late", Status.RETRYING, next_at=NOW + timedelta(minutes=5)),
+            upd("b", Status.RETRYING, next_at=NOW - timedelta(minutes=1)),
+            upd("a", Status.RETRYING, next_at=NOW - timedelta(minutes=9)),
+            upd("failed", Status.FAILED),
+        ],
+        None,
+        NOW,
+    )
 
     assert store.due_retries(NOW, 10) == ["a", "b"]
     assert store.due_retries(NOW, 1) == ["a"]
@@ -116,8 +155,11 @@ def test_runs_are_started_and_finished(store: StateStore) -> None:
 
 def test_problems_list_failed_before_retrying_before_skipped(store: StateStore) -> None:
     """The status view lists users that did not reach EngageLab, worst first, never synced ones."""
-    store.commit_page([upd("s", Status.SKIPPED), upd("r", Status.RETRYING), upd("f", Status.FAILED),
-                       upd("ok")], None, NOW)
+    store.commit_page(
+        [upd("s", Status.SKIPPED), upd("r", Status.RETRYING), upd("f", Status.FAILED), upd("ok")],
+        None,
+        NOW,
+    )
 
     assert [p.source_key for p in store.recent_problems()] == ["f", "r", "s"]
     assert store.counts_by_status() == {"synced": 1, "retrying": 1, "failed": 1, "skipped": 1}
@@ -388,8 +430,21 @@ def test_every_recorded_outcome_is_kept_in_the_users_history(store: StateStore) 
     """Each status write appends the outcome (status, attempts, code, message, hash) to the
     user's history, newest first; the status row keeps only the last."""
     later = NOW + timedelta(minutes=1)
-    store.commit_page([upd("1", Status.RETRYING, attempted="h2", attempts=1, code=-1,
-                           message="internal error", pushed=None)], None, NOW)
+    store.commit_page(
+        [
+            upd(
+                "1",
+                Status.RETRYING,
+                attempted="h2",
+                attempts=1,
+                code=-1,
+                message="internal error",
+                pushed=None,
+            )
+        ],
+        None,
+        NOW,
+    )
     store.commit_page([upd("1", attempted="h2", pushed="h2"), upd("2")], None, later)
 
     history = store.history("1")

@@ -46,8 +46,9 @@ def unit(tmp_path: Path) -> Path:
 
 def test_the_unit_verifies(systemd_analyze: str, unit: Path) -> None:
     """``systemd-analyze verify`` accepts the unit: every directive is known and well formed."""
-    result = subprocess.run([systemd_analyze, "verify", str(unit)], capture_output=True,
-                            text=True, check=False)
+    result = subprocess.run(
+        [systemd_analyze, "verify", str(unit)], capture_output=True, text=True, check=False
+    )
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert str(unit.name) not in result.stderr, result.stderr
@@ -59,7 +60,9 @@ def test_the_unit_is_hardened_to_an_exposure_of_two_or_less(
     """``systemd-analyze security`` rates the unit's exposure 2.0 or less (it was 5.8)."""
     result = subprocess.run(
         [systemd_analyze, "security", "--offline=yes", "--threshold=20", str(unit)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
@@ -150,8 +153,12 @@ def test_notifier_sends_each_message_as_one_datagram(abstract: bool) -> None:
         listener.close()
         shutil.rmtree(directory, ignore_errors=True)
 
-    assert received == ["READY=1\nSTATUS=starting", "STATUS=cycle 1 ok", "WATCHDOG=1",
-                        "STOPPING=1\nSTATUS=stopping: finishing the page in flight"]
+    assert received == [
+        "READY=1\nSTATUS=starting",
+        "STATUS=cycle 1 ok",
+        "WATCHDOG=1",
+        "STOPPING=1\nSTATUS=stopping: finishing the page in flight",
+    ]
     assert notifier.watchdog_seconds == 3.0
 
 
@@ -189,9 +196,13 @@ def test_daemon_pings_while_cycles_progress_and_stops_when_a_query_hangs(
     """READY, then pings while cycles run; none while the page query waits on a lock the test
     holds; pings again once it is let go; STOPPING on SIGTERM, then exit 0."""
     add_users_in_order(users, range(1, 11))
-    config = write_config(tmp_path / "config.yaml", source_url=users.url,
-                          state_url=f"sqlite:///{tmp_path}/state.db", api_url=api.url,
-                          source={"statement_timeout": "120s"})
+    config = write_config(
+        tmp_path / "config.yaml",
+        source_url=users.url,
+        state_url=f"sqlite:///{tmp_path}/state.db",
+        api_url=api.url,
+        source={"statement_timeout": "120s"},
+    )
     assert cdc_sync(config, "migrate").returncode == 0
     env = {"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
 
@@ -222,10 +233,12 @@ def test_daemon_pings_while_cycles_progress_and_stops_when_a_query_hangs(
 def blocked_on_lock(users: UserDb) -> bool:
     """Whether some other session's query on the source is waiting for a lock."""
     with users.engine.connect() as connection:
-        waiting = connection.scalar(text(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND pid <> pg_backend_pid() AND datname = current_database()"
-        ))
+        waiting = connection.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND pid <> pg_backend_pid() AND datname = current_database()"
+            )
+        )
     return bool(waiting)
 
 
@@ -236,8 +249,12 @@ def test_daemon_refused_by_engagelab_says_so_and_exits_3(
     the daemon exits 3, which the unit does not restart."""
     add_users_in_order(users, range(1, 4))
     api.emulator.set_faults(Faults(auth_fail_code=50031))
-    config = write_config(tmp_path / "config.yaml", source_url=users.url,
-                          state_url=f"sqlite:///{tmp_path}/state.db", api_url=api.url)
+    config = write_config(
+        tmp_path / "config.yaml",
+        source_url=users.url,
+        state_url=f"sqlite:///{tmp_path}/state.db",
+        api_url=api.url,
+    )
     assert cdc_sync(config, "migrate").returncode == 0
     env = {"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
 
@@ -258,8 +275,15 @@ def test_daemon_refused_by_engagelab_says_so_and_exits_3(
 
 @pytest.mark.parametrize(
     ("level", "prefix"),
-    [("debug", "<7>"), ("info", "<6>"), ("warning", "<4>"), ("error", "<3>"),
-     ("critical", "<2>"), ("WARNING", "<4>"), ("CRITICAL", "<2>")],
+    [
+        ("debug", "<7>"),
+        ("info", "<6>"),
+        ("warning", "<4>"),
+        ("error", "<3>"),
+        ("critical", "<2>"),
+        ("WARNING", "<4>"),
+        ("CRITICAL", "<2>"),
+    ],
 )
 def test_each_level_has_its_syslog_priority(level: str, prefix: str) -> None:
     """structlog's and the standard library's level names map to syslog(3) priorities."""
@@ -314,10 +338,15 @@ def test_an_error_message_reaches_the_journal_as_an_error(tmp_path: Path) -> Non
         env = {**os.environ, "JOURNAL_STREAM": f"{found.st_dev}:{found.st_ino}"}
         result = subprocess.run(
             [sys.executable, "-m", "cdc_sync.cli", "-c", str(tmp_path / "missing.yaml"), "status"],
-            stderr=stream, stdout=subprocess.PIPE, env=env, check=False, timeout=60,
+            stderr=stream,
+            stdout=subprocess.PIPE,
+            env=env,
+            check=False,
+            timeout=60,
         )
 
     assert result.returncode == 78
     lines = err.read_text().splitlines()
-    assert lines and all(line.startswith("<3>cdc-sync: ") or line.startswith("<3>")
-                         for line in lines), lines
+    assert lines and all(
+        line.startswith("<3>cdc-sync: ") or line.startswith("<3>") for line in lines
+    ), lines

@@ -62,8 +62,17 @@ class Writers:
         self._lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._loop, args=(work, seed), daemon=True)
-            for seed, work in enumerate([self.contact, self.contact, self.unrelated, self.insert,
-                                         self.batch, self.long, self.long])
+            for seed, work in enumerate(
+                [
+                    self.contact,
+                    self.contact,
+                    self.unrelated,
+                    self.insert,
+                    self.batch,
+                    self.long,
+                    self.long,
+                ]
+            )
         ]
 
     def start(self) -> None:
@@ -95,38 +104,48 @@ class Writers:
         user = rng.randint(1, USERS)
         column = rng.choice(["email", "mobile", "landline", "whatsapp"])
         value = None if rng.random() < 0.1 else f"{column}-{rng.getrandbits(40):x}"
-        c.execute(f"UPDATE users SET {column} = %s, updated_at = now() WHERE id = %s",  # noqa: S608
-                  (value, user))
+        c.execute(
+            f"UPDATE users SET {column} = %s, updated_at = now() WHERE id = %s",  # noqa: S608
+            (value, user),
+        )
         return "contact"
 
     def unrelated(self, c: psycopg.Connection, rng: random.Random) -> str:
         user = rng.choice([*QUIET, rng.randint(1, USERS)])
-        c.execute("UPDATE users SET name = %s, updated_at = now() WHERE id = %s",
-                  (f"name-{rng.getrandbits(32):x}", user))
+        c.execute(
+            "UPDATE users SET name = %s, updated_at = now() WHERE id = %s",
+            (f"name-{rng.getrandbits(32):x}", user),
+        )
         return "unrelated"
 
     def insert(self, c: psycopg.Connection, rng: random.Random) -> str:
         with self._lock:
             self._next_id += 1
             user = self._next_id
-        c.execute("INSERT INTO users (id, name, email, engagelab_euid) VALUES (%s, %s, %s, %s)",
-                  (user, "new", f"new{user}@example.com", 1000 + user))
+        c.execute(
+            "INSERT INTO users (id, name, email, engagelab_euid) VALUES (%s, %s, %s, %s)",
+            (user, "new", f"new{user}@example.com", 1000 + user),
+        )
         return "insert"
 
     def batch(self, c: psycopg.Connection, rng: random.Random) -> str:
         """Thirty users changed in one transaction: they share one updated_at."""
         users = sorted(rng.sample(range(1, USERS + 1), 30))
         for user in users:
-            c.execute("UPDATE users SET email = %s, updated_at = now() WHERE id = %s",
-                      (f"batch-{rng.getrandbits(40):x}", user))
+            c.execute(
+                "UPDATE users SET email = %s, updated_at = now() WHERE id = %s",
+                (f"batch-{rng.getrandbits(40):x}", user),
+            )
         time.sleep(0.05)
         return "batch"
 
     def long(self, c: psycopg.Connection, rng: random.Random) -> str:
         """A transaction that stays open for seconds, so its rows commit stamped in the past."""
         for user in rng.sample(range(1, USERS + 1), 3):
-            c.execute("UPDATE users SET mobile = %s, updated_at = now() WHERE id = %s",
-                      (f"long-{rng.getrandbits(40):x}", user))
+            c.execute(
+                "UPDATE users SET mobile = %s, updated_at = now() WHERE id = %s",
+                (f"long-{rng.getrandbits(40):x}", user),
+            )
         self.stop.wait(rng.uniform(1.5, 3.0))
         return "long"
 
@@ -143,7 +162,8 @@ class Daemon:
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "cdc_sync.cli", "-c", str(self.config), "run"],
-                stdout=out, stderr=subprocess.STDOUT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
 
     def signal(self, signum: int) -> int:
@@ -189,16 +209,26 @@ def test_nothing_lost_nothing_stale_under_torture(
     emulator = Emulator("key", "secret", faults=FAULTS)
     with EmulatorServer(emulator) as server:
         config = write_config(
-            tmp_path / "config.yaml", source_url=standby.url(database),
-            state_url=f"sqlite:///{tmp_path}/state.db", api_url=server.url,
-            source={"cursor": "cdc_xid" if mode == "xid8" else "updated_at",
-                    "cursor_mode": mode, "lookback": "30s", "batch_size": 50},
+            tmp_path / "config.yaml",
+            source_url=standby.url(database),
+            state_url=f"sqlite:///{tmp_path}/state.db",
+            api_url=server.url,
+            source={
+                "cursor": "cdc_xid" if mode == "xid8" else "updated_at",
+                "cursor_mode": mode,
+                "lookback": "30s",
+                "batch_size": 50,
+            },
             engagelab={"concurrency": 8, "timeout": "2s", "clear_empty": True},
             retry={"base": "1s", "max": "2s", "max_attempts": 1000},
             logging={"level": "INFO", "format": "console"},
         )
-        migrated = subprocess.run([sys.executable, "-m", "cdc_sync.cli", "-c", str(config),
-                                   "migrate"], capture_output=True, text=True, check=False)
+        migrated = subprocess.run(
+            [sys.executable, "-m", "cdc_sync.cli", "-c", str(config), "migrate"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert migrated.returncode == 0, migrated.stderr
         log = tmp_path / "daemon.log"
         daemon = daemon_factory(config, log)
@@ -220,10 +250,14 @@ def test_nothing_lost_nothing_stale_under_torture(
             wait_for(in_step, "EngageLab to match the primary", timeout=180)
         except AssertionError:
             expected, held = users.expected_contacts(), holding(emulator)
-            wrong = {e: (expected.get(e), held.get(e)) for e in expected.keys() | held.keys()
-                     if expected.get(e) != held.get(e)}
-            raise AssertionError(f"{len(wrong)} users differ, e.g. {list(wrong.items())[:5]}; "
-                                 f"daemon log: {log}") from None
+            wrong = {
+                e: (expected.get(e), held.get(e))
+                for e in expected.keys() | held.keys()
+                if expected.get(e) != held.get(e)
+            }
+            raise AssertionError(
+                f"{len(wrong)} users differ, e.g. {list(wrong.items())[:5]}; daemon log: {log}"
+            ) from None
         exit_status = daemon.signal(signal.SIGTERM)
 
     assert exit_status == 0, log.read_text()[-3000:]
