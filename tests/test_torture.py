@@ -50,6 +50,14 @@ def holding(emulator: Emulator) -> dict[int, dict[str, str]]:
     return {euid: contacts for euid, contacts in emulator.contacts.items() if contacts}
 
 
+def contact_value(column: str, rng: random.Random) -> str:
+    """A fresh value for a contact column, shaped as the emulator requires: an address for the
+    email column, digits for the phone columns."""
+    if column == "email":
+        return f"u{rng.getrandbits(40):x}@example.com"
+    return f"+8190{rng.randrange(10**8):08d}"
+
+
 class Writers:
     """Threads that write the primary the way a busy application would, until stopped."""
 
@@ -103,7 +111,7 @@ class Writers:
     def contact(self, c: psycopg.Connection, rng: random.Random) -> str:
         user = rng.randint(1, USERS)
         column = rng.choice(["email", "mobile", "landline", "whatsapp"])
-        value = None if rng.random() < 0.1 else f"{column}-{rng.getrandbits(40):x}"
+        value = None if rng.random() < 0.1 else contact_value(column, rng)
         c.execute(
             f"UPDATE users SET {column} = %s, updated_at = now() WHERE id = %s",  # noqa: S608
             (value, user),
@@ -134,7 +142,7 @@ class Writers:
         for user in users:
             c.execute(
                 "UPDATE users SET email = %s, updated_at = now() WHERE id = %s",
-                (f"batch-{rng.getrandbits(40):x}", user),
+                (contact_value("email", rng), user),
             )
         time.sleep(0.05)
         return "batch"
@@ -144,7 +152,7 @@ class Writers:
         for user in rng.sample(range(1, USERS + 1), 3):
             c.execute(
                 "UPDATE users SET mobile = %s, updated_at = now() WHERE id = %s",
-                (f"long-{rng.getrandbits(40):x}", user),
+                (contact_value("mobile", rng), user),
             )
         self.stop.wait(rng.uniform(1.5, 3.0))
         return "long"
