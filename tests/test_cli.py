@@ -7,9 +7,8 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 import trustme
 import yaml
 from sqlalchemy import event
+from test_daemon import add_users_in_order
 from tinyproxy import PROXY_USER, TinyProxy
 from tlsserver import https_server
 from userdb import UserDb, write_config
@@ -82,21 +82,6 @@ def edit(path: Path, key: str, value: object) -> Path:
         node[last] = value
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
-
-
-def add_users_in_order(users: UserDb, ids: Iterable[int]) -> None:
-    """Users with an email and euid 1000+id, each updated one second after the one before."""
-    start = datetime(2024, 1, 1, tzinfo=UTC)
-    users.insert(
-        {
-            "id": i,
-            "name": f"user {i}",
-            "email": f"user{i}@example.com",
-            "engagelab_euid": 1000 + i,
-            "updated_at": start + timedelta(seconds=i),
-        }
-        for i in ids
-    )
 
 
 def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
