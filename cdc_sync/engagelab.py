@@ -84,13 +84,15 @@ class ApiResult:
 class Call(Generic[R]):
     """One request and how to read its answer; the client sends it without knowing which it is.
 
+    ``document`` is the JSON body, encoded by the client's loop thread as the request goes
+    out, not by the caller's thread while it holds a page back from the queue.
     ``read`` turns the classified answer and the body into the caller's result (a transport
     failure reads as its TRANSIENT or FATAL result and an empty body). ``sent`` holds the
     values the request carried, which an answer's message must not repeat (see :func:`classify`).
     """
 
     url: httpx.URL
-    body: bytes
+    document: Mapping[str, Any]
     read: Callable[[ApiResult, bytes], R]
     sent: Mapping[str, str] = field(default_factory=dict)
 
@@ -300,8 +302,7 @@ class EngageLabClient:
 
     def contact(self, payload: Payload) -> Call[ApiResult]:
         """The ``POST /v1/user/contact`` call that pushes one payload; its result is the answer."""
-        body = json.dumps(payload.body(), separators=(",", ":"), ensure_ascii=False).encode()
-        return Call(self._contact_url, body, _answer, payload.contacts)
+        return Call(self._contact_url, payload.body(), _answer, payload.contacts)
 
     def registration(self, name: str, values: Sequence[str]) -> Call[Registration]:
         """The ``POST /v1/user/register`` call that resolves up to :data:`REGISTER_LIMIT`
@@ -309,8 +310,7 @@ class EngageLabClient:
         if not 0 < len(values) <= REGISTER_LIMIT:
             raise ValueError(f"a register call takes 1 to {REGISTER_LIMIT} values")
         body = {"identity_name": name, "identity_values": list(values)}
-        encoded = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        return Call(self._register_url, encoded, read_registration)
+        return Call(self._register_url, body, read_registration)
 
     def submit(self, payloads: Sequence[Payload]) -> Future[list[ApiResult | None]]:
         """Start pushing a batch of payloads (see :meth:`submit_calls`)."""
@@ -385,8 +385,9 @@ class EngageLabClient:
         """One request: its classified answer and body. Transport failures become TRANSIENT
         (or, for a refused certificate or proxy, FATAL) results with no body, never exceptions."""
         # stream=: no Host or Content-Length headers derived in Python, the transport adds them.
+        body = json.dumps(call.document, separators=(",", ":"), ensure_ascii=False).encode()
         request = httpx.Request(
-            "POST", call.url, headers=self._headers, stream=httpx.ByteStream(call.body)
+            "POST", call.url, headers=self._headers, stream=httpx.ByteStream(body)
         )
         try:
             response = await self._transport.handle_async_request(request)
