@@ -29,7 +29,16 @@ from cdc_sync.config import Settings, load_settings
 from cdc_sync.configfile import resolve_config_path
 from cdc_sync.durations import format_duration
 from cdc_sync.engagelab import ApiResult, Call, CodePolicy, EngageLabClient, Registration, Verdict
-from cdc_sync.engine import Engine, EngineSettings, Pusher, Stop, utcnow
+from cdc_sync.engine import (
+    Engine,
+    EngineSettings,
+    Observer,
+    Observers,
+    Pusher,
+    Stop,
+    default_observer,
+    utcnow,
+)
 from cdc_sync.errors import (
     EX_CONFIG,
     EX_FATAL_API,
@@ -91,10 +100,9 @@ class App:
         except ValueError as exc:
             raise ConfigError(str(self.settings.config_path), "source.lookback", str(exc)) from None
 
-    def engine(
-        self, progress: Callable[[], None] = lambda: None, *, dry_run: bool = False
-    ) -> Engine:
-        """The engine; with ``dry_run``, one without an API client, for previews."""
+    def engine(self, *also: Observer, dry_run: bool = False) -> Engine:
+        """The engine, reporting to the run history, the log and ``also``; with ``dry_run``,
+        one without an API client, for previews."""
         assert self.needs is Needs.API, "a command running cycles declares Needs.API"
         s = self.settings
         if self.client is None and not dry_run:
@@ -106,7 +114,8 @@ class App:
         if identity is not None:  # a dry run maps identity rows, and never resolves them
             registrar: Registrar = _NoPushes() if dry_run else self.client  # type: ignore[assignment]
             resolver = Resolver(identity.name, self.state, registrar, utcnow)
-        return Engine(knobs, self.source, self.state, pusher, resolver=resolver, progress=progress)
+        observer = Observers(default_observer(self.state), *also) if also else None
+        return Engine(knobs, self.source, self.state, pusher, resolver=resolver, observer=observer)
 
     def engine_settings(self) -> EngineSettings:
         s = self.settings
@@ -321,7 +330,7 @@ def cmd_once(app: App, args: argparse.Namespace) -> int:
 
 def cmd_run(app: App, args: argparse.Namespace) -> int:
     ready(app)
-    from cdc_sync.scheduler import Daemon  # APScheduler is only needed here
+    from cdc_sync.scheduler import Daemon, Watchdog  # APScheduler is only needed here
 
     notifier = Notifier(os.environ)
     bound = page_bound(app.settings)
@@ -334,7 +343,7 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
             fix="raise WatchdogSec in the unit, or lower source.batch_size",
         )
     lock = InstanceLock(app.state.engine, app.settings.name)
-    engine = app.engine(progress=notifier.watchdog)
+    engine = app.engine(Watchdog(notifier))
     daemon = Daemon(engine, app.settings.schedule.interval, lock, notifier, cycle_line)
     try:
         return daemon.run()

@@ -3,6 +3,12 @@
 A cycle scans the source from the watermark minus the lookback, page by page, then works through
 the users whose transient failure is due for another attempt (re-reading each one's *current* row,
 so a stale payload is never sent). Every decision is delegated to :mod:`cdc_sync.rules`.
+
+What happened is reported to one :class:`Observer` as it happens — a cycle started, a page was
+recorded, a slice of the audit was judged, a cycle finished — in the vocabulary of
+:mod:`cdc_sync.outcomes`; the run history, the log, the metrics and the daemon's watchdog are
+observers, so a new signal is added where it is reported and read. Reports are per page
+(counts), never a call per row.
 """
 
 from __future__ import annotations
@@ -35,6 +41,15 @@ from cdc_sync.mapping import (
     map_row,
     status_key,
 )
+from cdc_sync.outcomes import (
+    AuditSlice,
+    CycleCounts,
+    CycleReport,
+    CycleStart,
+    PageReport,
+    RowOutcome,
+    RunOutcome,
+)
 from cdc_sync.rules import (
     Action,
     Position,
@@ -48,7 +63,9 @@ from cdc_sync.rules import (
     settle,
 )
 from cdc_sync.source import Horizon, Source
-from cdc_sync.state import Progress, RunCounts, StateStore
+from cdc_sync.state import Progress, RunHistory, StateStore
+
+__all__ = ["CycleReport", "Engine", "EngineSettings", "Observer", "Observers", "Pusher", "Stop"]
 
 log = structlog.get_logger("cdc_sync.engine")
 
@@ -104,20 +121,51 @@ class Stop(threading.Event):
             self._calls.remove(call)
 
 
+class Observer(Protocol):
+    """Where the engine reports what a cycle does: the run history (``state.RunHistory``), the
+    log (``logs.EventLog``), the metrics (``metrics.Metrics``) and the daemon's watchdog
+    (``scheduler.Watchdog``) each implement it.
+
+    Called on the engine's thread, in order: ``cycle_started``, then ``page_recorded`` once per
+    page (after its commit) and ``slice_audited`` once per slice of the audit (after its
+    re-queue), then ``cycle_finished`` (also when the cycle failed). An observer must not raise
+    for anything but a failure of its own store.
+    """
+
+    def cycle_started(self, start: CycleStart) -> None: ...
+
+    def page_recorded(self, page: PageReport) -> None: ...
+
+    def slice_audited(self, audit: AuditSlice) -> None: ...
+
+    def cycle_finished(self, report: CycleReport) -> None: ...
+
+
+class Observers:
+    """Several observers as one, called in the order given."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+
+    def cycle_started(self, start: CycleStart) -> None:
+        for observer in self.observers:
+            observer.cycle_started(start)
+
+    def page_recorded(self, page: PageReport) -> None:
+        for observer in self.observers:
+            observer.page_recorded(page)
+
+    def slice_audited(self, audit: AuditSlice) -> None:
+        for observer in self.observers:
+            observer.slice_audited(audit)
+
+    def cycle_finished(self, report: CycleReport) -> None:
+        for observer in self.observers:
+            observer.cycle_finished(report)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class CycleReport:
-    """What one cycle did; also written to the run history."""
-
-    run_id: int
-    outcome: str  # ok | stopped | fatal | error
-    counts: RunCounts
-    watermark_before: Position | None
-    watermark_after: Position | None
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,8 +192,9 @@ class Engine:
         resolver: Resolver | None = None,
         clock: Callable[[], datetime] = utcnow,
         jitter: Callable[[], float] = random.random,
-        progress: Callable[[], None] = lambda: None,
+        observer: Observer | None = None,
     ) -> None:
+        """``observer`` defaults to the run history and the log (:func:`default_observer`)."""
         self.settings = settings
         self.source = source
         self.state = state
@@ -153,7 +202,7 @@ class Engine:
         self.resolver = resolver  # source.identity: the rows' EUIDs are resolved before a push
         self.clock = clock
         self.jitter = jitter
-        self.progress = progress  # called as each page lands: the daemon's watchdog
+        self.observer = observer or default_observer(state)
         self._started = False
         self._pruned: datetime | None = None
         # Kept between cycles so an idle poll need not ask: while this instance holds the lock
@@ -252,11 +301,10 @@ class Engine:
         read that is being retried gives up. The run is recorded ``stopped``.
         """
         stop = stop or Stop()
+        abandoned = 0
         if not self._started:  # first cycle of this process: tidy what a killed one left
             self._started = True
             abandoned = self.state.close_abandoned_runs(self.clock())
-            if abandoned:
-                log.warning("abandoned_runs_closed", sync=self.settings.name, runs=abandoned)
         if self._pruned is None or self.clock() - self._pruned >= PRUNE_EVERY:
             self._pruned = self.clock()
             self.state.prune(self._pruned - self.settings.keep_runs)
@@ -264,7 +312,8 @@ class Engine:
         if not self._watermark_known:
             self._read_progress()
         before = self._watermark
-        run_id = self.state.start_run(self.clock(), before)
+        started = self.clock()
+        run_id = self.state.start_run(started, before)
         if self.state.epoch != self._epoch:  # an operator's command, or a new tenure
             self._epoch = self.state.epoch
             self._forget()
@@ -272,9 +321,10 @@ class Engine:
             if moved or not fresh:
                 self._read_progress()
                 before = self._watermark
-        cycle = _Cycle(self, before)
-        log.info("cycle_started", sync=self.settings.name, run_id=run_id)
-        outcome, error = "ok", None
+        name = self.settings.name
+        cycle = _Cycle(self, run_id, before)
+        self.observer.cycle_started(CycleStart(name, run_id, started, before, abandoned))
+        outcome, error = RunOutcome.OK, None
         try:
             self.pusher.resume()
             with stop.calling(self.pusher.cancel):
@@ -286,37 +336,37 @@ class Engine:
                 if not stop.is_set():
                     cycle.retry_due(stop)
             if stop.is_set():
-                outcome = "stopped"
+                outcome = RunOutcome.STOPPED
         except Stopped:
-            outcome = "stopped"
+            outcome = RunOutcome.STOPPED
         except FatalApiError as exc:
-            outcome, error = "fatal", str(exc)
+            outcome, error = RunOutcome.FATAL, str(exc)
             raise
         except CdcSyncError as exc:
-            outcome, error = "error", str(exc)
+            outcome, error = RunOutcome.ERROR, str(exc)
             raise
         except Exception as exc:
-            outcome, error = "error", f"{type(exc).__name__}: {exc}"
+            outcome, error = RunOutcome.ERROR, f"{type(exc).__name__}: {exc}"
             raise
         finally:
             self._watermark, self._watermark_known = cycle.watermark, True
             self._note_held(cycle)
             if cycle.horizon.seen is not None:  # the first read happened: the next window's anchor
                 self._seen = cycle.horizon.seen
-            counts = cycle.counts()
-            lag = cycle.horizon.replica_lag
-            self.state.finish_run(
-                run_id, self.clock(), outcome, counts, cycle.watermark, error, lag
+            report = CycleReport(
+                name,
+                run_id,
+                outcome,
+                cycle.counts(),
+                before,
+                cycle.watermark,
+                started,
+                self.clock(),
+                error,
+                cycle.horizon.replica_lag,
             )
-            log.info(
-                "cycle_finished",
-                sync=self.settings.name,
-                run_id=run_id,
-                outcome=outcome,
-                replica_lag_s=lag,
-                **counts.as_dict(),
-            )
-        return CycleReport(run_id, outcome, counts, before, cycle.watermark, error)
+            self.observer.cycle_finished(report)
+        return report
 
     def preview(self, sample: int = 10) -> Preview:
         """What the next cycle would do, without calling the API or writing anything: the rows
@@ -324,9 +374,16 @@ class Engine:
         retry, with the action each would get."""
         reset = self.state.pending_reset()
         if reset is not None:  # applied, it starts the re-read window afresh
-            return _Cycle(self, reset[0]).preview(sample, None)
+            return _Cycle(self, 0, reset[0]).preview(sample, None)
         progress = self.state.progress()
-        return _Cycle(self, progress.watermark).preview(sample, progress.horizon)
+        return _Cycle(self, 0, progress.watermark).preview(sample, progress.horizon)
+
+
+def default_observer(state: StateStore) -> Observer:
+    """The observers every engine has: the run history, then the log."""
+    from cdc_sync.logs import EventLog
+
+    return Observers(RunHistory(state), EventLog())
 
 
 @dataclass(frozen=True)
@@ -363,14 +420,15 @@ class _Batch:
 class _Cycle:
     """The mutable bookkeeping of one cycle (watermark so far, counters)."""
 
-    def __init__(self, engine: Engine, watermark: Position | None) -> None:
+    def __init__(self, engine: Engine, run_id: int, watermark: Position | None) -> None:
         self.engine = engine
+        self.run_id = run_id  # 0: a preview, which records no run
         self.watermark = watermark
         self.horizon = Horizon()
         self.held = False  # a row the watermark may not pass was met: it moves no further
         self.ahead_rows = 0  # rows read stamped ahead of the source's clock (they hold it)
         self.ahead_by: Any = None  # how far the furthest of them is ahead
-        self.tally: Counter[str] = Counter()
+        self.tally: Counter[str] = Counter()  # by CycleCounts field name
 
     def scan(self, stop: threading.Event) -> None:
         """Read pages from the watermark on; each page's pushes overlap the next page's reading.
@@ -579,6 +637,7 @@ class _Cycle:
         results: dict[int, ApiResult | None] = dict(zip(batch.sending, answers, strict=True))
         results.update(batch.unresolved)
         updates, recorded = [], []
+        page: Counter[RowOutcome] = Counter()
         rows = zip(batch.mapped, batch.keys, batch.actions, strict=True)
         for i, (m, key, action) in enumerate(rows):
             previous = batch.records.get(key)
@@ -591,7 +650,8 @@ class _Cycle:
                 updates.append(update)
                 if update.status is Status.RETRYING:
                     e.note_retry(update.next_attempt_at)
-            self.tally[_count_name(action, update.status if update else None, done)] += 1
+            page[_outcome(action, update.status if update else None, done)] += 1
+        self.tally.update(page)
         self.tally["rows_read"] += len(batch.rows)
 
         watermark = self.watermark
@@ -609,27 +669,26 @@ class _Cycle:
         moved = watermark if watermark != self.watermark else None
         e.state.commit_page(updates, moved, batch.now, self.horizon.seen)
         self.watermark = watermark
-        e.progress()
-        log.info(
-            "page_recorded",
-            sync=e.settings.name,
-            rows=len(batch.rows),
-            pushed=len(batch.sending),
-            retrying=retrying,
-        )
 
         fatal = next(
             (r for r in results.values() if r is not None and r.verdict is Verdict.FATAL), None
         )
-        if fatal is not None:
-            log.critical(
-                "engagelab_refused",
-                sync=e.settings.name,
-                code=fatal.code,
-                status=fatal.status,
-                message=fatal.message,
+        refused = None if fatal is None else FatalApiError(fatal.code, fatal.status, fatal.message)
+        e.observer.page_recorded(
+            PageReport(
+                e.settings.name,
+                self.run_id,
+                len(batch.rows),
+                len(batch.sending),
+                page,
+                self.counts(),
+                retrying,
+                watermark,
+                refused,
             )
-            raise FatalApiError(fatal.code, fatal.status, fatal.message)
+        )
+        if refused is not None:
+            raise refused
 
     def audit(self, stop: threading.Event) -> None:
         """Sweep the next slice of the table in key order; re-queue users out of step.
@@ -664,13 +723,12 @@ class _Cycle:
             out = [(m.key, m.euid) for m in mapped if missed(m, records.get(m.key))]
             now = e.clock()
             e.state.requeue([k for k, _ in out], [euid for _, euid in out], now, after)
-            e.progress()
             if out:
                 e.note_retry(now)
             self.tally["audit_checked"] += len(judged)
             self.tally["audit_misses"] += len(out)
-            if out:
-                log.warning("audit_found_misses", sync=e.settings.name, users=len(out))
+            audited = AuditSlice(e.settings.name, self.run_id, len(judged), len(out))
+            e.observer.slice_audited(audited)
             if after is None:
                 return
 
@@ -705,8 +763,8 @@ class _Cycle:
         ]
         self.finish(self.send([], retrying=True, mapped=gone), retrying=True)
 
-    def counts(self) -> RunCounts:
-        return RunCounts(**{name: self.tally[name] for name in RunCounts.names()})
+    def counts(self) -> CycleCounts:
+        return CycleCounts.of(self.tally)
 
 
 def _settled(after: Position | None, start: Any, swept: bool) -> Callable[[SourceRow], bool]:
@@ -732,15 +790,21 @@ def _payload(mapped: Mapped) -> Payload:
     return payload
 
 
-def _count_name(action: Action, status: Status | None, done: bool) -> str:
+def _outcome(action: Action, status: Status | None, done: bool) -> RowOutcome:
+    """What the cycle did with a row, from the decision and the user's new status."""
     if action is Action.PUSH:
         if not done:
-            return "unsent"
-        return {Status.SYNCED: "pushed", Status.RETRYING: "retrying"}.get(status, "failed")  # type: ignore[arg-type]
-    return {
-        Action.UNCHANGED: "unchanged",
-        Action.CONFIRM: "unchanged",
-        Action.DEFER: "deferred",
-        Action.SKIP: "skipped",
-        Action.LEAVE: "skipped",  # no call: counted with the other users not sent
-    }[action]
+            return RowOutcome.UNSENT
+        if status is Status.SYNCED:
+            return RowOutcome.PUSHED
+        return RowOutcome.RETRYING if status is Status.RETRYING else RowOutcome.FAILED
+    return _NOT_SENT[action]
+
+
+_NOT_SENT = {
+    Action.UNCHANGED: RowOutcome.UNCHANGED,
+    Action.CONFIRM: RowOutcome.UNCHANGED,
+    Action.DEFER: RowOutcome.DEFERRED,
+    Action.SKIP: RowOutcome.SKIPPED,
+    Action.LEAVE: RowOutcome.SKIPPED,  # no call: counted with the other users not sent
+}

@@ -18,6 +18,8 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
+from cdc_sync.outcomes import AuditSlice, CycleReport, CycleStart, PageReport
+
 # syslog(3) priorities of structlog's level names (add_log_level calls exception() "error").
 PRIORITIES = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
 
@@ -86,3 +88,49 @@ def configure(
     # APScheduler warns each time a run is skipped because the previous cycle is still going;
     # one cycle at a time with missed runs coalesced is the design, so that is not news.
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+
+
+class EventLog:
+    """The log as an observer of the engine (``engine.Observer``): a line when a cycle starts,
+    one per page recorded, one when it finishes, and warnings for what needs a look."""
+
+    def __init__(self) -> None:
+        self.log = structlog.get_logger("cdc_sync.engine")
+
+    def cycle_started(self, start: CycleStart) -> None:
+        if start.abandoned:
+            self.log.warning("abandoned_runs_closed", sync=start.sync, runs=start.abandoned)
+        self.log.info("cycle_started", sync=start.sync, run_id=start.run_id)
+
+    def page_recorded(self, page: PageReport) -> None:
+        self.log.info(
+            "page_recorded",
+            sync=page.sync,
+            rows=page.rows,
+            pushed=page.sent,
+            retrying=page.retrying,
+        )
+        refused = page.refused
+        if refused is not None:
+            self.log.critical(
+                "engagelab_refused",
+                sync=page.sync,
+                code=refused.code,
+                status=refused.status,
+                message=refused.message,
+            )
+
+    def slice_audited(self, audit: AuditSlice) -> None:
+        if audit.misses:
+            self.log.warning("audit_found_misses", sync=audit.sync, users=audit.misses)
+
+    def cycle_finished(self, report: CycleReport) -> None:
+        counts = report.counts
+        self.log.info(
+            "cycle_finished",
+            sync=report.sync,
+            run_id=report.run_id,
+            outcome=report.outcome.value,
+            replica_lag_s=report.replica_lag,
+            **counts.as_dict(),
+        )

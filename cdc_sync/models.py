@@ -24,6 +24,8 @@ from sqlalchemy import (
     TypeDecorator,
 )
 
+from cdc_sync.outcomes import CycleCounts
+
 VERSION_TABLE = "cdc_sync_alembic_version"
 """Where alembic keeps the tracking tables' revision. Not alembic's default, ``alembic_version``:
 a shared PostgreSQL database often holds another alembic application, whose revisions that table
@@ -121,20 +123,16 @@ sync_runs = Table(
     Column("started_at", UtcDateTime, nullable=False),
     Column("finished_at", UtcDateTime),
     Column("outcome", String(16), nullable=False, comment="running | ok | stopped | fatal | error"),
-    Column("rows_read", Integer, nullable=False, server_default="0"),
-    Column("pushed", Integer, nullable=False, server_default="0"),
-    Column("unchanged", Integer, nullable=False, server_default="0"),
-    Column("retrying", Integer, nullable=False, server_default="0"),
-    Column("deferred", Integer, nullable=False, server_default="0"),
-    Column("failed", Integer, nullable=False, server_default="0"),
-    Column("skipped", Integer, nullable=False, server_default="0"),
-    Column("audit_checked", Integer, nullable=False, server_default="0"),
-    Column(
-        "audit_misses",
-        Integer,
-        nullable=False,
-        server_default="0",
-        comment="users the audit found out of step and re-queued",
+    *(
+        # Only audit_misses carried its meaning as a comment when the table was created.
+        Column(
+            name,
+            Integer,
+            nullable=False,
+            server_default="0",
+            comment=CycleCounts.meaning(name) if name == "audit_misses" else None,
+        )
+        for name in CycleCounts.names()
     ),
     Column("replica_lag_s", Float, comment="source replay lag at the start of the cycle"),
     Column("watermark_before", Text),

@@ -11,11 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from cdc_sync.dburls import mask_password
 from cdc_sync.durations import format_duration
+from cdc_sync.outcomes import CycleCounts
+from cdc_sync.rules import Status
 from cdc_sync.state import HistoryEntry, Progress, StatusView, UserStatus, describe
 
 if TYPE_CHECKING:
     from cdc_sync.config import Settings
-    from cdc_sync.engine import CycleReport, Preview
+    from cdc_sync.engine import Preview
+    from cdc_sync.outcomes import CycleReport
     from cdc_sync.rules import Position
     from cdc_sync.source import IndexAdvice, SourceFacts, SourceSpec
 
@@ -43,18 +46,13 @@ def _cell(value: Any) -> str:
 def cycle_line(report: CycleReport) -> str:
     """One line for a cycle: what ``once`` prints and the daemon's systemd STATUS."""
     c = report.counts
-    return (
-        f"cycle {report.run_id} {report.outcome}: read {c.rows_read}, pushed {c.pushed}, "
-        f"unchanged {c.unchanged}, retrying {c.retrying}, deferred {c.deferred}, "
-        f"failed {c.failed}, skipped {c.skipped}"
-    )
+    counts = ", ".join(f"{_LABELS[n]} {getattr(c, n)}" for n in _CYCLE_COUNTS)
+    return f"cycle {report.run_id} {report.outcome}: {counts}"
 
 
 def render_status(view: StatusView) -> str:
     counts = view.counts
-    by_status = ", ".join(
-        f"{k} {counts.get(k, 0)}" for k in ("synced", "retrying", "failed", "skipped")
-    )
+    by_status = ", ".join(f"{k} {counts.get(k, 0)}" for k in Status)
     parts = [
         f"sync {view.name}",
         f"  watermark: {describe(view.progress.watermark) or 'none (the next cycle reads all)'}",
@@ -68,34 +66,13 @@ def render_status(view: StatusView) -> str:
         "",
         "recent runs (newest first)",
         table(
-            [
-                "run",
-                "started",
-                "outcome",
-                "read",
-                "pushed",
-                "unchanged",
-                "retrying",
-                "deferred",
-                "failed",
-                "skipped",
-                "audit misses",
-                "lag",
-                "error",
-            ],
+            ["run", "started", "outcome", *(_LABELS[n] for n in _RUN_COUNTS), "lag", "error"],
             [
                 [
                     r.id,
                     r.started_at,
                     r.outcome,
-                    r.counts.rows_read,
-                    r.counts.pushed,
-                    r.counts.unchanged,
-                    r.counts.retrying,
-                    r.counts.deferred,
-                    r.counts.failed,
-                    r.counts.skipped,
-                    r.counts.audit_misses,
+                    *(getattr(r.counts, n) for n in _RUN_COUNTS),
                     _lag(r.replica_lag_s),
                     r.error,
                 ]
@@ -193,6 +170,12 @@ def render_preview(name: str, preview: Preview) -> str:
 
 def _from(position: Position | None) -> str:
     return describe(position) or "the beginning"
+
+
+# The counts each view shows, and what it calls them.
+_LABELS = {name: name.replace("_", " ") for name in CycleCounts.names()} | {"rows_read": "read"}
+_RUN_COUNTS = [n for n in CycleCounts.names() if n != "audit_checked"]
+_CYCLE_COUNTS = [n for n in CycleCounts.names() if not n.startswith("audit_")]
 
 
 def render_check(

@@ -33,11 +33,32 @@ from cdc_sync.engine import CycleReport, Engine, Stop, utcnow
 from cdc_sync.errors import CdcSyncError, FatalApiError, first_line
 from cdc_sync.lock import InstanceLock
 from cdc_sync.notify import Notifier
+from cdc_sync.outcomes import AuditSlice, CycleStart, PageReport
 
 log = structlog.get_logger("cdc_sync.scheduler")
 
 LOCK_POLL_MAX = 5.0  # seconds between attempts at the lock, and between checks that it is held
 REFUSALS_BEFORE_EXIT = 3  # cycles in a row refused by EngageLab before the daemon exits 3
+
+
+class Watchdog:
+    """The engine's observer that pings systemd's watchdog as work lands: each page recorded
+    and each slice of the audit judged (the daemon pings at the start and end of a cycle)."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+
+    def cycle_started(self, start: CycleStart) -> None:
+        pass
+
+    def page_recorded(self, page: PageReport) -> None:
+        self.notifier.watchdog()
+
+    def slice_audited(self, audit: AuditSlice) -> None:
+        self.notifier.watchdog()
+
+    def cycle_finished(self, report: CycleReport) -> None:
+        pass
 
 
 class Daemon:

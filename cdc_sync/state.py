@@ -12,7 +12,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -53,6 +53,14 @@ from cdc_sync.models import (
     sync_runs,
     sync_state,
     sync_status,
+)
+from cdc_sync.outcomes import (
+    AuditSlice,
+    CycleCounts,
+    CycleReport,
+    CycleStart,
+    PageReport,
+    RunOutcome,
 )
 from cdc_sync.redact import clean, storable
 from cdc_sync.rules import Position, Record, Status, Update
@@ -172,28 +180,6 @@ class Progress:
 
 
 @dataclass(frozen=True, slots=True)
-class RunCounts:
-    """What one cycle did, row by row."""
-
-    rows_read: int = 0
-    pushed: int = 0
-    unchanged: int = 0
-    retrying: int = 0
-    deferred: int = 0
-    failed: int = 0
-    skipped: int = 0
-    audit_checked: int = 0
-    audit_misses: int = 0
-
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.names()}
-
-
-@dataclass(frozen=True, slots=True)
 class RunRow:
     """One cycle in the run history (``cdc_sync_runs``)."""
 
@@ -201,7 +187,7 @@ class RunRow:
     started_at: datetime
     finished_at: datetime | None
     outcome: str
-    counts: RunCounts
+    counts: CycleCounts
     replica_lag_s: float | None
     watermark_before: str | None
     watermark_after: str | None
@@ -210,7 +196,7 @@ class RunRow:
     @classmethod
     def of(cls, row: Any) -> RunRow:
         m = row._mapping
-        counts = RunCounts(**{name: m[name] for name in RunCounts.names()})
+        counts = CycleCounts.of(m)
         return cls(
             m["id"],
             m["started_at"],
@@ -683,7 +669,7 @@ class StateStore:
             "sync_name": self.sync_name,
             "sync": self.sync_name,
             "started_at": now,
-            "outcome": "running",
+            "outcome": RunOutcome.RUNNING.value,
             "watermark_before": describe(watermark),
         }
         with self._connect() as connection:  # one statement: atomic by itself
@@ -734,8 +720,8 @@ class StateStore:
         self,
         run_id: int,
         now: datetime,
-        outcome: str,
-        counts: RunCounts,
+        outcome: RunOutcome,
+        counts: CycleCounts,
         watermark: Position | None,
         error: str | None = None,
         replica_lag: float | None = None,
@@ -743,7 +729,7 @@ class StateStore:
         values = {
             "run": run_id,
             "finished_at": now,
-            "outcome": outcome,
+            "outcome": outcome.value,
             "watermark_after": describe(watermark),
             "error": None if error is None else clean(error, ERROR_LIMIT),
             "replica_lag_s": replica_lag,
@@ -760,8 +746,14 @@ class StateStore:
         with self._connect() as connection:  # one statement: atomic by itself
             result = connection.execute(
                 update(sync_runs)
-                .where(sync_runs.c.sync_name == self.sync_name, sync_runs.c.outcome == "running")
-                .values(outcome="abandoned", error="the process ended without finishing the run")
+                .where(
+                    sync_runs.c.sync_name == self.sync_name,
+                    sync_runs.c.outcome == RunOutcome.RUNNING.value,
+                )
+                .values(
+                    outcome=RunOutcome.ABANDONED.value,
+                    error="the process ended without finishing the run",
+                )
             )
             return result.rowcount
 
@@ -889,7 +881,8 @@ class StateStore:
     def recent_problems(self, limit: int = 10) -> list[UserStatus]:
         """Users that did not reach EngageLab, most recent first: failed, retrying, skipped."""
         c = sync_status.c
-        rank = case({"failed": 0, "retrying": 1, "skipped": 2}, value=c.status)
+        worst_first = (Status.FAILED, Status.RETRYING, Status.SKIPPED)
+        rank = case({status.value: i for i, status in enumerate(worst_first)}, value=c.status)
         query = (
             select(sync_status)
             .where(c.sync_name == self.sync_name, c.status != Status.SYNCED.value)
@@ -1053,6 +1046,34 @@ class StateStore:
 
     def _where(self) -> str:
         return mask_password(self.engine.url)
+
+
+class RunHistory:
+    """The run history as an observer of the engine (``engine.Observer``): each cycle's row of
+    ``cdc_sync_runs`` is closed with its outcome and counts. (The engine opens it, for its id.)"""
+
+    def __init__(self, state: StateStore) -> None:
+        self.state = state
+
+    def cycle_started(self, start: CycleStart) -> None:
+        pass
+
+    def page_recorded(self, page: PageReport) -> None:
+        pass
+
+    def slice_audited(self, audit: AuditSlice) -> None:
+        pass
+
+    def cycle_finished(self, report: CycleReport) -> None:
+        self.state.finish_run(
+            report.run_id,
+            report.finished_at,
+            report.outcome,
+            report.counts,
+            report.watermark_after,
+            report.error,
+            report.replica_lag,
+        )
 
 
 # The statements of every cycle, built once: SQLAlchemy then skips construction and cache-key

@@ -511,7 +511,7 @@ def test_status_shows_counts_runs_and_skipped_users(sync: Sync) -> None:
 
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "users: synced 5, retrying 0, failed 0, skipped 1 (total 6)" in out
+    assert "users: synced 5, retrying 0, failed 0, skipped 1, left 0 (total 6)" in out
     runs = re.findall(r"^\s+(\d+)\s+\S+ \S+\s+(\w+)\s+((?:\d+\s+){6}\d+)", out, re.M)
     assert [(outcome, counts.split()) for _, outcome, counts in runs] == [
         ("ok", ["6", "0", "6", "0", "0", "0", "0"]),

@@ -50,11 +50,12 @@ def test_table_aligns_columns_and_shows_missing_values() -> None:
 
 def test_status_is_formatted_from_values_alone() -> None:
     """``render_status`` needs no database: a view built by hand gives the whole report."""
+    from cdc_sync.outcomes import CycleCounts
     from cdc_sync.rules import Position, Status
-    from cdc_sync.state import Progress, RunCounts, RunRow, StatusView, UserStatus
+    from cdc_sync.state import Progress, RunRow, StatusView, UserStatus
 
     at = datetime(2026, 1, 2, 3, 4, 5)
-    run = RunRow(7, at, at, "ok", RunCounts(rows_read=3, pushed=2), 1.5, None, '[1, "a"]', None)
+    run = RunRow(7, at, at, "ok", CycleCounts(rows_read=3, pushed=2), 1.5, None, '[1, "a"]', None)
     user = UserStatus(
         "a", 42, Status.FAILED, None, "h", 1, 40007, "bad email", at, at, None, None, at
     )
@@ -65,7 +66,7 @@ def test_status_is_formatted_from_values_alone() -> None:
 
     lines = text.splitlines()
     assert lines[:2] == ["sync users", '  watermark: [1, "a"]']
-    assert "  users: synced 2, retrying 0, failed 1, skipped 0 (total 3)" in lines
+    assert "  users: synced 2, retrying 0, failed 1, skipped 0, left 0 (total 3)" in lines
     assert "  7    2026-01-02 03:04:05  ok       3     2" in text
     assert "1.5s" in text
     assert "  a    42    failed  1         40007  bad email" in text

@@ -16,8 +16,9 @@ from cdc_sync.engagelab import ApiResult, Verdict
 from cdc_sync.errors import StateError
 from cdc_sync.mapping import Policy, Skip, SourceRow, map_row
 from cdc_sync.models import sync_runs
+from cdc_sync.outcomes import CycleCounts, RunOutcome
 from cdc_sync.rules import Action, Position, Record, Retry, Status, Update, settle
-from cdc_sync.state import RunCounts, StateStore, decode_value, encode_value
+from cdc_sync.state import StateStore, decode_value, encode_value
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -142,10 +143,9 @@ def test_due_retries_are_oldest_first_and_only_due(store: StateStore) -> None:
 
 def test_runs_are_started_and_finished(store: StateStore) -> None:
     """A run row is opened as running and closed with its outcome and counts."""
-    from cdc_sync.state import RunCounts
-
     run_id = store.start_run(NOW, Position(1, 2))
-    store.finish_run(run_id, NOW, "ok", RunCounts(rows_read=3, pushed=2, skipped=1), Position(3, 4))
+    counts = CycleCounts(rows_read=3, pushed=2, skipped=1)
+    store.finish_run(run_id, NOW, RunOutcome.OK, counts, Position(3, 4))
 
     [run] = store.recent_runs()
     assert run.outcome == "ok"
@@ -309,11 +309,9 @@ def test_encoded_values_are_readable() -> None:
 
 def test_runs_left_running_are_marked_abandoned(store: StateStore) -> None:
     """A run a killed process left 'running' is closed as 'abandoned'; finished runs are kept."""
-    from cdc_sync.state import RunCounts
-
     killed = store.start_run(NOW, None)
     done = store.start_run(NOW, None)
-    store.finish_run(done, NOW, "ok", RunCounts(), None)
+    store.finish_run(done, NOW, RunOutcome.OK, CycleCounts(), None)
 
     closed = store.close_abandoned_runs(NOW)
 
@@ -378,7 +376,8 @@ def test_a_run_error_of_any_text_is_stored(store: StateStore) -> None:
     """A cycle's error is stored whatever it holds: cleaned and cut, never refused."""
     run = store.start_run(NOW, None)
 
-    store.finish_run(run, NOW, "error", RunCounts(), None, "bad \x00 \ud800 " + "x" * 5000)
+    given = "bad \x00 \ud800 " + "x" * 5000
+    store.finish_run(run, NOW, RunOutcome.ERROR, CycleCounts(), None, given)
 
     with store.engine.connect() as connection:
         error = connection.scalar(select(sync_runs.c.error).where(sync_runs.c.id == run))

@@ -1,0 +1,161 @@
+"""What a cycle did, in one vocabulary: how a run ended, what happened to each row, the counts.
+
+Every other module — the engine, the run history (``cdc_sync_runs``), the log, ``status``,
+``once``'s summary — takes these names from here, so they cannot drift apart:
+
+* :class:`RunOutcome` — how one cycle (one row of ``cdc_sync_runs``) ended;
+* :class:`RowOutcome` — what one cycle did with one row it read (exactly one per row);
+* :class:`CycleCounts` — one cycle's counters, each saying what it counts (:class:`Unit`);
+* :class:`CycleStart`, :class:`PageReport`, :class:`AuditSlice`, :class:`CycleReport` — what
+  the engine tells its observers (``engine.Observer``) as cycles start, pages land, the audit
+  moves on, and cycles end.
+
+Pure values: nothing here touches a database or the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from cdc_sync.errors import FatalApiError
+from cdc_sync.rules import Position
+
+
+class RunOutcome(StrEnum):
+    """How a cycle ended, as written to ``cdc_sync_runs.outcome``."""
+
+    RUNNING = "running"  # under way (or its process died and no cycle has run since)
+    OK = "ok"  # read to the end of the table and through the due retries
+    STOPPED = "stopped"  # a signal or a lost lock ended it after the page in flight
+    FATAL = "fatal"  # EngageLab refused the sync (credentials, project): no request sent after
+    ERROR = "error"  # a database or unexpected error ended it
+    ABANDONED = "abandoned"  # its process ended without finishing it (SIGKILL, power loss)
+
+
+class RowOutcome(StrEnum):
+    """What a cycle did with one row it read; each value is also a :class:`CycleCounts` field."""
+
+    PUSHED = "pushed"  # sent, and EngageLab accepted it
+    UNCHANGED = "unchanged"  # nothing new since the last outcome (or back to what EngageLab holds)
+    RETRYING = "retrying"  # sent, failed transiently: tried again later
+    DEFERRED = "deferred"  # a retry is pending and not yet due: the retry queue will send it
+    FAILED = "failed"  # sent, failed permanently (or too many transient failures in a row)
+    SKIPPED = "skipped"  # not sendable (bad euid, no contacts, row gone): recorded with why
+    UNSENT = "unsent"  # not sent: the cycle stopped on a fatal answer; read again next cycle
+
+
+class Unit(StrEnum):
+    """What a count counts."""
+
+    ROWS = "rows"  # source rows read (a row read twice in one cycle counts twice)
+    USERS = "users"  # users whose row this cycle handled, by what it did with it
+
+
+def _count(unit: Unit, meaning: str) -> Any:
+    return field(default=0, metadata={"unit": unit, "meaning": meaning})
+
+
+@dataclass(frozen=True, slots=True)
+class CycleCounts:
+    """What one cycle did. Each field's ``unit`` and ``meaning`` are in its metadata
+    (:meth:`unit`, :meth:`meaning`); the run history has a column of the same name."""
+
+    rows_read: int = _count(Unit.ROWS, "rows read from the source, scan and retries")
+    pushed: int = _count(Unit.USERS, "sent and accepted by EngageLab")
+    unchanged: int = _count(Unit.USERS, "nothing new to send")
+    retrying: int = _count(Unit.USERS, "sent, failed transiently, to be tried again")
+    deferred: int = _count(Unit.USERS, "a retry pending, not yet due")
+    failed: int = _count(Unit.USERS, "sent, failed permanently or retries exhausted")
+    skipped: int = _count(Unit.USERS, "not sendable: bad euid, no contacts, row gone")
+    audit_checked: int = _count(Unit.ROWS, "rows the audit compared with the tracking table")
+    audit_misses: int = _count(Unit.USERS, "users the audit found out of step and re-queued")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def unit(cls, name: str) -> Unit:
+        unit: Unit = _field(cls, name).metadata["unit"]
+        return unit
+
+    @classmethod
+    def meaning(cls, name: str) -> str:
+        meaning: str = _field(cls, name).metadata["meaning"]
+        return meaning
+
+    @classmethod
+    def of(cls, tally: Mapping[str, int]) -> CycleCounts:
+        """The counts in ``tally`` (by field name); names it lacks are 0, others are ignored."""
+        return cls(**{name: tally.get(name, 0) for name in cls.names()})
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.names()}
+
+
+def _field(cls: type[CycleCounts], name: str) -> Any:
+    for f in fields(cls):
+        if f.name == name:
+            return f
+    raise KeyError(name)
+
+
+@dataclass(frozen=True, slots=True)
+class CycleStart:
+    """A cycle has started: its run row exists."""
+
+    sync: str
+    run_id: int
+    started_at: datetime
+    watermark: Position | None
+    abandoned: int = 0  # runs a killed process left running, closed as abandoned just now
+
+
+@dataclass(frozen=True, slots=True)
+class PageReport:
+    """One page recorded: its outcomes and the watermark are durable.
+
+    ``outcomes`` counts this page's rows by :class:`RowOutcome`; ``total`` is the cycle's
+    counts so far, this page included. ``retrying`` marks a page of the retry phase (rows
+    re-read for due retries) rather than of the scan.
+    """
+
+    sync: str
+    run_id: int
+    rows: int
+    sent: int
+    outcomes: Mapping[RowOutcome, int]
+    total: CycleCounts
+    retrying: bool
+    watermark: Position | None
+    refused: FatalApiError | None = None  # EngageLab refused the sync on this page
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSlice:
+    """One slice of the audit's sweep by key judged, and its misses re-queued (durable)."""
+
+    sync: str
+    run_id: int
+    checked: int  # rows compared with the tracking table
+    misses: int  # users found out of step and re-queued
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    """What one cycle did; also written to the run history."""
+
+    sync: str
+    run_id: int
+    outcome: RunOutcome
+    counts: CycleCounts
+    watermark_before: Position | None
+    watermark_after: Position | None
+    started_at: datetime
+    finished_at: datetime
+    error: str | None = None
+    replica_lag: float | None = None  # seconds the source replica was behind (None: no replica)
