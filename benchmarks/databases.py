@@ -146,7 +146,7 @@ def recent_runs(state_url: str, limit: int) -> list[RunRow]:
     """The last ``limit`` finished cycles, oldest first."""
     rows = _query(
         state_url,
-        "SELECT started_at, finished_at, outcome, rows_read, pushed "
+        "SELECT started_at, finished_at, outcome, rows_read, synced "
         "FROM cdc_sync_runs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT :n",
         n=limit,
     )

@@ -795,10 +795,13 @@ def _outcome(action: Action, status: Status | None, done: bool) -> RowOutcome:
     if action is Action.PUSH:
         if not done:
             return RowOutcome.UNSENT
-        if status is Status.SYNCED:
-            return RowOutcome.PUSHED
-        return RowOutcome.RETRYING if status is Status.RETRYING else RowOutcome.FAILED
+        assert status is not None, "a push recorded has a status"
+        return _SENT[status]
     return _NOT_SENT[action]
+
+
+# A push's new status names its outcome; LEFT: a user who left, cleared (on_leave: clear).
+_SENT = {status: RowOutcome(status.value) for status in Status}
 
 
 _NOT_SENT = {
@@ -806,5 +809,5 @@ _NOT_SENT = {
     Action.CONFIRM: RowOutcome.UNCHANGED,
     Action.DEFER: RowOutcome.DEFERRED,
     Action.SKIP: RowOutcome.SKIPPED,
-    Action.LEAVE: RowOutcome.SKIPPED,  # no call: counted with the other users not sent
+    Action.LEAVE: RowOutcome.LEFT,  # a user who left, with nothing to clear: no call
 }

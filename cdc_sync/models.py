@@ -24,7 +24,9 @@ from sqlalchemy import (
     TypeDecorator,
 )
 
-from cdc_sync.outcomes import CycleCounts
+from cdc_sync.outcomes import CycleCounts, RunOutcome
+
+ROWS_ESTIMATED = "rows: how many the scan expected to read, estimated when it met a backlog"
 
 VERSION_TABLE = "cdc_sync_alembic_version"
 """Where alembic keeps the tracking tables' revision. Not alembic's default, ``alembic_version``:
@@ -122,18 +124,12 @@ sync_runs = Table(
     Column("sync_name", String(64), nullable=False),
     Column("started_at", UtcDateTime, nullable=False),
     Column("finished_at", UtcDateTime),
-    Column("outcome", String(16), nullable=False, comment="running | ok | stopped | fatal | error"),
+    Column("outcome", String(16), nullable=False, comment=" | ".join(RunOutcome)),
     *(
-        # Only audit_misses carried its meaning as a comment when the table was created.
-        Column(
-            name,
-            Integer,
-            nullable=False,
-            server_default="0",
-            comment=CycleCounts.meaning(name) if name == "audit_misses" else None,
-        )
+        Column(name, Integer, nullable=False, server_default="0", comment=CycleCounts.comment(name))
         for name in CycleCounts.names()
     ),
+    Column("rows_estimated", Integer, comment=ROWS_ESTIMATED),
     Column("replica_lag_s", Float, comment="source replay lag at the start of the cycle"),
     Column("watermark_before", Text),
     Column("watermark_after", Text),

@@ -39,12 +39,13 @@ class RunOutcome(StrEnum):
 class RowOutcome(StrEnum):
     """What a cycle did with one row it read; each value is also a :class:`CycleCounts` field."""
 
-    PUSHED = "pushed"  # sent, and EngageLab accepted it
+    SYNCED = "synced"  # sent, and EngageLab accepted it
     UNCHANGED = "unchanged"  # nothing new since the last outcome (or back to what EngageLab holds)
     RETRYING = "retrying"  # sent, failed transiently: tried again later
     DEFERRED = "deferred"  # a retry is pending and not yet due: the retry queue will send it
     FAILED = "failed"  # sent, failed permanently (or too many transient failures in a row)
-    SKIPPED = "skipped"  # not sendable (bad euid, no contacts, row gone): recorded with why
+    SKIPPED = "skipped"  # not sendable (bad key or euid, a bad value, no contacts): recorded why
+    LEFT = "left"  # left the sync (consent withdrawn, deleted): cleared (on_leave), or recorded
     UNSENT = "unsent"  # not sent: the cycle stopped on a fatal answer; read again next cycle
 
 
@@ -64,15 +65,18 @@ class CycleCounts:
     """What one cycle did. Each field's ``unit`` and ``meaning`` are in its metadata
     (:meth:`unit`, :meth:`meaning`); the run history has a column of the same name."""
 
-    rows_read: int = _count(Unit.ROWS, "rows read from the source, scan and retries")
-    pushed: int = _count(Unit.USERS, "sent and accepted by EngageLab")
+    rows_read: int = _count(Unit.ROWS, "read from the source, by the scan and for retries")
+    synced: int = _count(Unit.USERS, "sent and accepted by EngageLab")
     unchanged: int = _count(Unit.USERS, "nothing new to send")
     retrying: int = _count(Unit.USERS, "sent, failed transiently, to be tried again")
     deferred: int = _count(Unit.USERS, "a retry pending, not yet due")
     failed: int = _count(Unit.USERS, "sent, failed permanently or retries exhausted")
-    skipped: int = _count(Unit.USERS, "not sendable: bad euid, no contacts, row gone")
-    audit_checked: int = _count(Unit.ROWS, "rows the audit compared with the tracking table")
-    audit_misses: int = _count(Unit.USERS, "users the audit found out of step and re-queued")
+    skipped: int = _count(Unit.USERS, "not sendable (bad key or euid, a bad value, no contacts)")
+    left: int = _count(
+        Unit.USERS, "left the sync (consent withdrawn, deleted): cleared in EngageLab, or recorded"
+    )
+    audit_checked: int = _count(Unit.ROWS, "compared by the audit with the tracking table")
+    audit_misses: int = _count(Unit.USERS, "found out of step by the audit and re-queued")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -87,6 +91,11 @@ class CycleCounts:
     def meaning(cls, name: str) -> str:
         meaning: str = _field(cls, name).metadata["meaning"]
         return meaning
+
+    @classmethod
+    def comment(cls, name: str) -> str:
+        """What the run-history column of this count says it counts."""
+        return f"{cls.unit(name)}: {cls.meaning(name)}"
 
     @classmethod
     def of(cls, tally: Mapping[str, int]) -> CycleCounts:

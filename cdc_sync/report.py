@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdc_sync.dburls import mask_password
 from cdc_sync.durations import format_duration
-from cdc_sync.outcomes import CycleCounts
+from cdc_sync.outcomes import CycleCounts, Unit
 from cdc_sync.rules import Status
 from cdc_sync.state import HistoryEntry, Progress, StatusView, UserStatus, describe
 
@@ -46,8 +46,8 @@ def _cell(value: Any) -> str:
 def cycle_line(report: CycleReport) -> str:
     """One line for a cycle: what ``once`` prints and the daemon's systemd STATUS."""
     c = report.counts
-    counts = ", ".join(f"{_LABELS[n]} {getattr(c, n)}" for n in _CYCLE_COUNTS)
-    return f"cycle {report.run_id} {report.outcome}: {counts}"
+    users = ", ".join(f"{_LABELS[n]} {getattr(c, n)}" for n in _CYCLE_USERS)
+    return f"cycle {report.run_id} {report.outcome}: {c.rows_read} rows read; users: {users}"
 
 
 def render_status(view: StatusView) -> str:
@@ -64,7 +64,7 @@ def render_status(view: StatusView) -> str:
             else []
         ),
         "",
-        "recent runs (newest first)",
+        "recent runs (newest first; read counts rows, the other counts users)",
         table(
             ["run", "started", "outcome", *(_LABELS[n] for n in _RUN_COUNTS), "lag", "error"],
             [
@@ -175,7 +175,11 @@ def _from(position: Position | None) -> str:
 # The counts each view shows, and what it calls them.
 _LABELS = {name: name.replace("_", " ") for name in CycleCounts.names()} | {"rows_read": "read"}
 _RUN_COUNTS = [n for n in CycleCounts.names() if n != "audit_checked"]
-_CYCLE_COUNTS = [n for n in CycleCounts.names() if not n.startswith("audit_")]
+_CYCLE_USERS = [
+    n
+    for n in CycleCounts.names()
+    if CycleCounts.unit(n) is Unit.USERS and not n.startswith("audit")
+]
 
 
 def render_check(

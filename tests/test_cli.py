@@ -449,8 +449,8 @@ def test_once_pushes_every_user_with_contacts(sync: Sync) -> None:
 
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(
-        r"cycle \d+ ok: read 30, pushed 30, unchanged 0, retrying 0, deferred 0, "
-        r"failed 0, skipped 0\n",
+        r"cycle \d+ ok: 30 rows read; users: synced 30, unchanged 0, retrying 0, deferred 0, "
+        r"failed 0, skipped 0, left 0\n",
         result.stdout,
     ), result.stdout
     assert sync.emulator.contacts == sync.users.expected_contacts()
@@ -466,7 +466,7 @@ def test_second_once_makes_no_api_call(sync: Sync) -> None:
 
     assert result.returncode == 0, result.stderr
     assert sync.requests() == before
-    assert ", pushed 0, unchanged 30," in result.stdout
+    assert ": synced 0, unchanged 30," in result.stdout
 
 
 def test_changed_email_makes_one_request_for_that_user(sync: Sync) -> None:

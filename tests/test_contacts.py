@@ -75,7 +75,7 @@ def test_messy_phones_and_emails_arrive_normalised_and_cosmetic_edits_make_no_ca
     report = once(sync)
 
     assert sync.requests() == before
-    assert f"pushed 0, unchanged {len(EMAILS)}," in report
+    assert f"synced 0, unchanged {len(EMAILS)}," in report
 
 
 def test_impossible_values_are_skipped_with_the_reason_and_no_value(sync: Sync) -> None:
@@ -88,7 +88,7 @@ def test_impossible_values_are_skipped_with_the_reason_and_no_value(sync: Sync) 
 
     report = once(sync)
 
-    assert "pushed 1," in report and "skipped 2" in report
+    assert "synced 1," in report and "skipped 2" in report
     status = cdc_sync(sync.config, "status", "--limit", "10").stdout
     assert "contact mobile_phone is not a possible phone number" in status
     assert "contact email is not a possible e-mail address" in status
@@ -113,7 +113,7 @@ def test_check_counts_the_users_turning_normalisation_on_would_push(sync: Sync) 
     assert re.search(r"^pending\s+2 user\(s\) would be pushed", check.stdout, re.M), check.stdout
     before = sync.requests()
 
-    assert "pushed 2, unchanged 5," in once(sync)  # re-read within the lookback
+    assert "synced 2, unchanged 5," in once(sync)  # re-read within the lookback
 
     assert sync.requests() == before + 2
     assert sync.emulator.contacts[1006] == {"email": "Mixed@example.com"}

@@ -139,7 +139,7 @@ def test_signal_stops_the_daemon_after_recording_what_it_pushed(
     last_run = max(read_state(state_url, "cdc_sync_runs"), key=lambda run: run["id"])
     assert last_run["outcome"] == "stopped"
     assert last_run["finished_at"] is not None
-    assert last_run["pushed"] == len(accepted)
+    assert last_run["synced"] == len(accepted)
     statuses = read_state(state_url, "cdc_sync_status")
     assert sorted(s["euid"] for s in statuses if s["status"] == "synced") == sorted(accepted)
     recorded = {int(s["source_key"]) for s in statuses}
@@ -150,7 +150,7 @@ def test_signal_stops_the_daemon_after_recording_what_it_pushed(
     after = cdc_sync(config, "once")
 
     assert after.returncode == 0, after.stderr
-    assert f", pushed {300 - len(accepted)}, " in after.stdout
+    assert f": synced {300 - len(accepted)}, " in after.stdout
     assert emulator.contacts == users.expected_contacts()
     assert all(len(got) == 1 for got in emulator.all_received().values())
 
@@ -223,7 +223,7 @@ def test_sigterm_ends_a_retry_after_pause_within_the_documented_bound(
     assert "Traceback" not in stderr_of(config)
     accepted = {euid - 1000 for euid in emulator.all_received()}
     (last_run,) = read_state(state_url, "cdc_sync_runs")
-    assert (last_run["outcome"], last_run["pushed"]) == ("stopped", len(accepted))
+    assert (last_run["outcome"], last_run["synced"]) == ("stopped", len(accepted))
     assert last_run["finished_at"] is not None
     statuses = {int(s["source_key"]): s for s in read_state(state_url, "cdc_sync_status")}
     told = statuses.pop(TOLD - 1000)
@@ -241,6 +241,6 @@ def test_sigterm_ends_a_retry_after_pause_within_the_documented_bound(
     after = cdc_sync(config, "once")
 
     assert after.returncode == 0, after.stderr
-    assert f", pushed {39 - len(accepted)}, " in after.stdout
+    assert f"users: synced {39 - len(accepted)}, " in after.stdout
     assert set(emulator.all_received()) == {1000 + i for i in range(1, 41)} - {TOLD}
     assert all(len(got) == 1 for got in emulator.all_received().values())

@@ -41,7 +41,7 @@ def test_first_cycle_pushes_every_user_with_contacts(world: World) -> None:
 
     assert world.emulator.contacts == world.users.expected_contacts()
     assert all(len(world.emulator.received(1000 + i)) == 1 for i in range(1, 26))
-    assert (report.outcome, report.counts.pushed, report.counts.skipped) == ("ok", 25, 3)
+    assert (report.outcome, report.counts.synced, report.counts.skipped) == ("ok", 25, 3)
     assert world.status(26).last_message == "euid is empty"
     assert world.status(27).last_message == "euid -5 is not positive"
     assert world.status(28).last_message == "no contact values"
@@ -57,7 +57,7 @@ def test_second_cycle_makes_no_call(world: World) -> None:
     report = world.cycle()
 
     assert world.requests() == before
-    assert (report.counts.pushed, report.counts.unchanged) == (0, report.counts.rows_read)
+    assert (report.counts.synced, report.counts.unchanged) == (0, report.counts.rows_read)
 
 
 def test_changed_email_pushes_exactly_that_user(world: World) -> None:
@@ -93,7 +93,7 @@ def test_rows_sharing_a_cursor_value_across_pages_are_all_read_once(world: World
 
     report = world.cycle()
 
-    assert report.counts.pushed == 40
+    assert report.counts.synced == 40
     assert all(len(world.emulator.received(1000 + i)) == 1 for i in range(1, 41))
     assert report.watermark_after is not None and report.watermark_after.key == 40
 
@@ -128,7 +128,7 @@ def test_transient_failure_is_retried_later_and_does_not_hold_the_watermark(worl
 
     report = world.cycle()
 
-    assert report.counts.retrying == 1 and report.counts.pushed == 9
+    assert report.counts.retrying == 1 and report.counts.synced == 9
     assert report.watermark_after is not None and report.watermark_after.key == 10
     status = world.status(3)
     assert (status.status, status.attempts, status.last_code) == ("retrying", 1, -1)
@@ -283,7 +283,7 @@ def test_one_bad_row_never_stops_the_others(world: World) -> None:
 
     report = world.cycle()
 
-    assert report.counts.pushed == 16 and report.counts.skipped == 4
+    assert report.counts.synced == 16 and report.counts.skipped == 4
     assert world.emulator.contacts == world.users.expected_contacts()
 
 
@@ -296,7 +296,7 @@ def test_run_history_records_each_cycle(world: World) -> None:
 
     runs = world.state.recent_runs()
     assert [r.outcome for r in runs] == ["ok", "ok"]
-    assert [r.counts.pushed for r in runs] == [0, 5]
+    assert [r.counts.synced for r in runs] == [0, 5]
     assert runs[1].watermark_before is None and runs[0].watermark_before is not None
     assert all(r.finished_at is not None for r in runs)
 
@@ -401,7 +401,7 @@ def test_a_long_running_engine_still_retries_when_due(world: World) -> None:
     world.clock.now += timedelta(seconds=10)  # 20 s after the failure: due (backoff 15 s)
     due = engine.run_cycle()
 
-    assert (early.counts.pushed, due.counts.pushed) == (0, 1)
+    assert (early.counts.synced, due.counts.synced) == (0, 1)
     assert world.status(2).status == "synced"
 
 
@@ -435,9 +435,9 @@ def test_an_idle_cycle_after_a_burst_re_reads_none_of_it(world: World) -> None:
     world.users.change(5, email="new@example.com")
     changed = world.cycle()
 
-    assert first.counts.pushed == 40
+    assert first.counts.synced == 40
     assert (idle.counts.rows_read, restarted.counts.rows_read) == (0, 0)
-    assert (changed.counts.rows_read, changed.counts.pushed) == (1, 1)
+    assert (changed.counts.rows_read, changed.counts.synced) == (1, 1)
     assert world.emulator.received(1005)[-1] == {"email": "new@example.com"}
 
 
@@ -460,9 +460,9 @@ def test_rows_outside_the_cursors_reach_are_synced_once_by_key(world: World) -> 
     first = world.cycle()
     second = world.cycle()
 
-    assert (first.outcome, first.counts.pushed) == ("ok", 32)
+    assert (first.outcome, first.counts.synced) == ("ok", 32)
     assert world.emulator.contacts == world.users.expected_contacts()
-    assert (second.outcome, second.counts.pushed, second.counts.rows_read) == ("ok", 0, 5)
+    assert (second.outcome, second.counts.synced, second.counts.rows_read) == ("ok", 0, 5)
     progress = world.state.progress()
     assert (progress.reach_rows, progress.reach_key) == (27, None)
     assert first.watermark_after is not None and first.watermark_after.key == 5

@@ -229,7 +229,7 @@ def test_a_hostile_table_settles_after_one_cycle(hostile: World) -> None:
     again = hostile.cycle()
 
     assert hostile.requests() == before
-    assert (again.counts.pushed, again.counts.failed, again.counts.skipped) == (0, 0, 0)
+    assert (again.counts.synced, again.counts.failed, again.counts.skipped) == (0, 0, 0)
 
 
 def test_a_key_that_is_not_utf8_stops_with_a_message_that_quotes_nothing(tmp_path: Path) -> None:

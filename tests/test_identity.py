@@ -90,7 +90,7 @@ def test_every_user_is_resolved_in_calls_of_at_most_100_and_pushed(world: World)
     calls = world.emulator.register_calls()
     assert sorted(len(values) for _, values in calls) == [50, 100, 100]
     assert {name for name, _ in calls} == {"user_id"}
-    assert report.counts.pushed == 250
+    assert report.counts.synced == 250
     assert world.emulator.contacts == {
         euid(i): {"email": f"user{i}@example.com"} for i in range(1, 251)
     }
@@ -115,7 +115,7 @@ def test_a_resolved_user_is_never_registered_again(world: World) -> None:
     assert len(world.emulator.register_calls()) == calls
     assert resolved_once(world.emulator)
     assert world.emulator.received(euid(5))[-1] == {"email": "new@example.com"}
-    assert (changed.counts.pushed, idle.counts.pushed) == (1, 0)
+    assert (changed.counts.synced, idle.counts.synced) == (1, 0)
     assert seen == ["INSERT", "UPDATE"]  # run start, run end: the idle poll stays cheap
 
 
@@ -140,7 +140,7 @@ def test_a_partial_register_answer_retries_only_the_users_left_out(world: World)
 
     first = world.cycle()
 
-    assert first.counts.pushed == 8 and first.counts.retrying == 2
+    assert first.counts.synced == 8 and first.counts.retrying == 2
     assert first.watermark_after is not None and first.watermark_after.key == 10
     left_out = world.status(3)
     assert (left_out.status, left_out.last_code, left_out.euid) == ("retrying", 0, None)
@@ -151,7 +151,7 @@ def test_a_partial_register_answer_retries_only_the_users_left_out(world: World)
     world.clock.now += timedelta(minutes=1)
     second = world.cycle()
 
-    assert second.counts.pushed == 2
+    assert second.counts.synced == 2
     assert world.status(3).status == world.status(8).status == "synced"
     assert world.emulator.contacts[euid(8)] == {"email": "user8@example.com"}
     assert resolved_once(world.emulator)
@@ -165,7 +165,7 @@ def test_a_register_5xx_is_retried_with_backoff_without_holding_others(world: Wo
 
     first = world.cycle()
 
-    assert (first.counts.pushed, first.counts.retrying) == (10, 10)
+    assert (first.counts.synced, first.counts.retrying) == (10, 10)
     assert world.status(1).status == "retrying" and world.status(1).last_code == -1
     assert world.status(15).status == "synced"
     assert first.watermark_after is not None and first.watermark_after.key == 20
@@ -202,7 +202,7 @@ def test_a_fatal_register_answer_stops_the_cycle_and_nothing_is_lost(world: Worl
     finally:
         one_at_a_time.close()
 
-    assert report.counts.pushed == 250
+    assert report.counts.synced == 250
     assert resolved_once(world.emulator)
     assert len(world.emulator.register_calls()) == 4  # the two calls of the values not resolved
 
@@ -215,7 +215,7 @@ def test_an_unusable_identity_is_skipped_with_its_reason(world: World) -> None:
 
     report = world.cycle()
 
-    assert (report.counts.pushed, report.counts.skipped) == (1, 2)
+    assert (report.counts.synced, report.counts.skipped) == (1, 2)
     assert world.status(2).last_message == "identity is empty"
     assert world.status(3).last_message == "identity is 257 characters long, more than 256"
     assert [values for _, values in world.emulator.register_calls()] == [("user 1",)]

@@ -190,7 +190,7 @@ def test_reset_watermark_needs_confirmation_then_rereads_from_the_time(running: 
     reread = next(r for r in running.runs_after(last) if r["rows_read"] > 1)
     # users 15 to 20, and 14: the new watermark's row, which every cycle reads again
     assert reread["rows_read"] == 7
-    assert reread["pushed"] == 0
+    assert reread["synced"] == 0
     assert running.api.emulator.stats()["accepted"] == accepted
     state = read_state(running.state_url, "cdc_sync_state")[0]
     assert decode_value(state["key_value"]) == 20
@@ -208,7 +208,7 @@ def test_reset_watermark_to_the_beginning_rereads_the_whole_table(running: Runni
         lambda: any(r["rows_read"] > 1 for r in running.runs_after(last)), "a cycle read rows again"
     )
     reread = next(r for r in running.runs_after(last) if r["rows_read"] > 1)
-    assert (reread["rows_read"], reread["pushed"], reread["watermark_before"]) == (20, 0, None)
+    assert (reread["rows_read"], reread["synced"], reread["watermark_before"]) == (20, 0, None)
 
 
 def test_dry_run_and_prune_run_beside_the_daemon(running: Running) -> None:

@@ -205,7 +205,7 @@ def test_reading_a_standby_records_replica_lag(standby_pair, tmp_path) -> None: 
 
         with world.state.engine.connect() as connection:
             lag = connection.scalar(select(sync_runs.c.replica_lag_s))
-        assert report.counts.pushed == 19
+        assert report.counts.synced == 19
         assert lag is not None and 0 <= lag < 60
     primary.drop_database("lag")
 
@@ -242,7 +242,7 @@ def test_xid8_mode_waits_for_a_long_transaction(xid_world: World) -> None:
     after = xid_world.cycle()
 
     assert during.counts.rows_read == 0  # user 4 committed, but behind a running transaction
-    assert after.counts.pushed == 2
+    assert after.counts.synced == 2
     assert xid_world.emulator.received(1001)[-1] == {"email": "late@example.com"}
     assert xid_world.emulator.received(1004) == [{"email": "user4@example.com"}]
 
@@ -370,7 +370,7 @@ def test_a_long_transaction_within_the_lookback_is_caught_after_idle_cycles(worl
     after = engine.run_cycle()
 
     assert idle.counts.rows_read == 0
-    assert after.counts.pushed == 1
+    assert after.counts.synced == 1
     assert world.emulator.received(1001)[-1] == {"email": "late@example.com"}
 
 
@@ -409,7 +409,7 @@ def test_a_lagging_standby_anchors_the_window_at_its_replay(standby_pair, tmp_pa
         primary.wait_for_replay(standby)
         after = engine.run_cycle()
 
-        assert during.counts.pushed == 0
-        assert after.counts.pushed == 1
+        assert during.counts.synced == 0
+        assert after.counts.synced == 1
         assert world.emulator.received(1002)[-1] == {"email": "late@example.com"}
     primary.drop_database("paused")

@@ -55,7 +55,7 @@ def test_status_is_formatted_from_values_alone() -> None:
     from cdc_sync.state import Progress, RunRow, StatusView, UserStatus
 
     at = datetime(2026, 1, 2, 3, 4, 5)
-    run = RunRow(7, at, at, "ok", CycleCounts(rows_read=3, pushed=2), 1.5, None, '[1, "a"]', None)
+    run = RunRow(7, at, at, "ok", CycleCounts(rows_read=3, synced=2), 1.5, None, '[1, "a"]', None)
     user = UserStatus(
         "a", 42, Status.FAILED, None, "h", 1, 40007, "bad email", at, at, None, None, at
     )

@@ -244,7 +244,7 @@ def test_null_and_infinite_cursors_sync_once_and_status_counts_them(
     status = cdc_sync(config, "status")
 
     assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
-    assert "pushed 9," in runs[0].stdout and "pushed 0," in runs[1].stdout, runs[1].stdout
+    assert "synced 9," in runs[0].stdout and "synced 0," in runs[1].stdout, runs[1].stdout
     assert api.emulator.contacts == users.expected_contacts()
     assert (
         "outside the cursor's reach: 6 rows (NULL or infinite cursor), read by key" in status.stdout
@@ -319,7 +319,7 @@ def test_rows_ahead_of_the_clock_are_reported_by_check_status_and_the_log(
     check = cdc_sync(config, "check")
 
     assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
-    assert "pushed 2," in runs[0].stdout and "pushed 0," in runs[1].stdout
+    assert "synced 2," in runs[0].stdout and "synced 0," in runs[1].stdout
     assert all("watermark_held" in r.stderr and "rows_ahead=2" in r.stderr for r in runs)
     held = "2 rows are stamped ahead of the source's clock, the furthest by 2h59m"
     assert f"watermark held: {held}" in status.stdout, status.stdout
@@ -340,5 +340,5 @@ def test_a_change_in_the_repeated_hour_is_caught_with_an_hour_of_lookback(
     users.change(1, email="repeated-hour@example.com", updated_at="2026-10-25 01:05:00")
     result = cdc_sync(config, "once")
 
-    assert "pushed 1," in result.stdout, result.stdout + result.stderr
+    assert "synced 1," in result.stdout, result.stdout + result.stderr
     assert api.emulator.received(1001)[-1] == {"email": "repeated-hour@example.com"}

@@ -144,12 +144,12 @@ def test_due_retries_are_oldest_first_and_only_due(store: StateStore) -> None:
 def test_runs_are_started_and_finished(store: StateStore) -> None:
     """A run row is opened as running and closed with its outcome and counts."""
     run_id = store.start_run(NOW, Position(1, 2))
-    counts = CycleCounts(rows_read=3, pushed=2, skipped=1)
+    counts = CycleCounts(rows_read=3, synced=2, skipped=1)
     store.finish_run(run_id, NOW, RunOutcome.OK, counts, Position(3, 4))
 
     [run] = store.recent_runs()
     assert run.outcome == "ok"
-    assert (run.counts.rows_read, run.counts.pushed, run.counts.skipped) == (3, 2, 1)
+    assert (run.counts.rows_read, run.counts.synced, run.counts.skipped) == (3, 2, 1)
     assert (run.watermark_before, run.watermark_after) == ("[1, 2]", "[3, 4]")
 
 
