@@ -28,7 +28,16 @@ from cdc_sync import __version__, logs
 from cdc_sync.config import Settings, load_settings
 from cdc_sync.configfile import resolve_config_path
 from cdc_sync.durations import format_duration
-from cdc_sync.engagelab import ApiResult, Call, CodePolicy, EngageLabClient, Registration, Verdict
+from cdc_sync.engagelab import (
+    ApiResult,
+    Call,
+    CodePolicy,
+    Credentials,
+    EngageLabClient,
+    Registration,
+    Verdict,
+    judge_probe,
+)
 from cdc_sync.engine import (
     Engine,
     EngineSettings,
@@ -43,6 +52,8 @@ from cdc_sync.errors import (
     EX_CONFIG,
     EX_FATAL_API,
     EX_UNAVAILABLE,
+    EX_USERS_FAILED,
+    EX_USERS_RETRYING,
     CdcSyncError,
     ConfigError,
     SetupError,
@@ -52,6 +63,7 @@ from cdc_sync.lock import EX_TEMPFAIL, InstanceLock
 from cdc_sync.mapping import Payload, Policy
 from cdc_sync.normalise import Normalisation
 from cdc_sync.notify import Notifier
+from cdc_sync.outcomes import CycleCounts, RunOutcome, describe
 from cdc_sync.proxies import Proxies
 from cdc_sync.report import (
     cycle_line,
@@ -59,10 +71,12 @@ from cdc_sync.report import (
     render_preview,
     render_status,
     render_user,
+    status_data,
+    status_json,
 )
 from cdc_sync.rules import Retry
 from cdc_sync.source import READ_ATTEMPTS, Source, SourceSpec
-from cdc_sync.state import HISTORY_PER_USER, StateStore, describe
+from cdc_sync.state import HISTORY_PER_USER, StateStore
 
 
 class Needs(enum.IntEnum):
@@ -252,14 +266,19 @@ def client_proxies(s: Settings) -> Proxies:
         ) from None
 
 
-def build_client(s: Settings) -> EngageLabClient:
+def code_policy(s: Settings) -> CodePolicy:
     api = s.engagelab
-    policy = CodePolicy(
+    return CodePolicy(
         overrides={code: Verdict(kind) for code, kind in api.codes.items()},
         unknown=Verdict(api.unknown_code),
         rate_limit_codes=frozenset(api.rate_limit_codes),
         max_retry_after=api.max_retry_after.total_seconds(),
     )
+
+
+def build_client(s: Settings) -> EngageLabClient:
+    api = s.engagelab
+    policy = code_policy(s)
     return EngageLabClient(
         api.base_url,
         api.api_key,
@@ -325,6 +344,17 @@ def cmd_once(app: App, args: argparse.Namespace) -> int:
     with InstanceLock(app.state.engine, app.settings.name):
         report = app.engine().run_cycle(stop)
     print(cycle_line(report))
+    return 0 if report.outcome is RunOutcome.STOPPED else once_status(report.counts)
+
+
+def once_status(counts: CycleCounts) -> int:
+    """0 only when every row read was synced, unchanged, skipped or left, so cron and CI notice.
+    (A cycle a signal stopped exits 0 whatever it left: the stop was asked for. A dry run
+    exits 0: it sends nobody, so nobody is left.)"""
+    if counts.failed:
+        return EX_USERS_FAILED
+    if counts.retrying or counts.deferred:
+        return EX_USERS_RETRYING
     return 0
 
 
@@ -365,7 +395,9 @@ def page_bound(s: Settings) -> float:
 
 def cmd_status(app: App, args: argparse.Namespace) -> int:
     app.state.require_schema()
-    print(render_status(app.state.status_view(args.limit)))
+    view = app.state.status_view(args.limit)
+    now = utcnow()
+    print(status_json(status_data(view, now)) if args.json else render_status(view, now))
     return 0
 
 
@@ -379,13 +411,21 @@ def cmd_check(app: App, args: argparse.Namespace) -> int:
     if current == head:  # counted only against tracking tables that can be read
         counter = Engine(app.engine_settings(), app.source, app.state, _NoPushes())  # type: ignore[arg-type]
         pending = counter.pending()
-    text, ok = render_check(app.settings, app.source.spec, facts, current, head, route, pending)
+    if app.client is None:
+        app.client = build_client(app.settings)
+    probe = app.client.probe()
+    text, ok = render_check(
+        app.settings, app.source.spec, facts, current, head, route, pending, probe
+    )
     print(text)
-    return 0 if ok else 69
+    if judge_probe(probe) is Credentials.REFUSED:
+        return EX_FATAL_API
+    return 0 if ok and probe.status is not None else EX_UNAVAILABLE
 
 
 def _status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=10, help="rows per section")
+    parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
 
 
 def _once_arguments(parser: argparse.ArgumentParser) -> None:
@@ -574,9 +614,9 @@ COMMANDS: tuple[Command | Tool, ...] = (
     ),
     Command(
         "check",
-        "validate the config and the databases; say which index to create",
+        "validate the config and the databases, prove the credentials; say which index to create",
         cmd_check,
-        Needs.SOURCE,
+        Needs.API,
     ),
     Command(
         "show",
@@ -629,6 +669,9 @@ exit statuses:
   2    wrong command-line usage
   {EX_FATAL_API:<3}  EngageLab refused the sync (credentials, project), or its TLS certificate was
        refused: every request would fail (run: three cycles in a row)
+  {EX_USERS_FAILED:<3}  once: users failed for good in this cycle (a permanent code, or retries
+       used up)
+  {EX_USERS_RETRYING:<3}  once: users are left to retry (EngageLab unreachable, throttling)
   {EX_UNAVAILABLE:<3}  something outside the config is wrong (a database unreachable, the table or a
        column missing, the tracking tables behind); the message says what and how to fix it
   {EX_TEMPFAIL:<3}  another instance of the same sync holds its lock (once, migrate)
@@ -711,7 +754,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     journal = logs.to_journal(os.environ, sys.stderr)
     try:
-        settings = load_settings(resolve_config_path(args.config, os.environ), os.environ)
+        path = resolve_config_path(args.config, os.environ)
+        # Only the commands that call the API read the EngageLab credentials.
+        credentials = command.needs >= Needs.API
+        settings = load_settings(path, os.environ, credentials=credentials)
         logs.configure(settings.logging.level, settings.logging.format, journal=journal)
         with open_app(settings, command.needs) as app:
             return command.handler(app, args)

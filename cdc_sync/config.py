@@ -760,10 +760,18 @@ def _sections() -> Iterator[tuple[str, type[BaseModel]]]:
             yield field.alias or name, field.annotation
 
 
-def load_settings(path: Path, environ: Mapping[str, str]) -> Settings:
-    """Read, interpolate and validate the config file; every problem in one ConfigError."""
+def load_settings(path: Path, environ: Mapping[str, str], *, credentials: bool = True) -> Settings:
+    """Read, interpolate and validate the config file; every problem in one ConfigError.
+
+    ``credentials`` False, for commands that never call the API: ``engagelab.api_key`` and
+    ``api_secret`` are neither read (nor their environment variables) nor required.
+    """
     document = read_document(path)
-    expanded = expand(document.tree, environ)
+    tree = document.tree
+    if not credentials and isinstance(tree.get("engagelab"), dict):
+        unused = {"api_key": "unused", "api_secret": "unused"}
+        tree = tree | {"engagelab": tree["engagelab"] | unused}
+    expanded = expand(tree, environ)
     facts = FileFacts(document.mode, _literal_secrets(document.tree))
     context = {"config_path": path.absolute(), "file": facts}
     problems: list[tuple[Any, str]] = list(expanded.problems)

@@ -271,10 +271,7 @@ class EngageLabClient:
         self.url = self.base_url + CONTACT_PATH
         self.policy = policy
         self.pacer = Pacer(rate_limit, clock)
-        token = base64.b64encode(f"{api_key}:{api_secret}".encode()).decode()
-        self._headers = httpx.Headers(
-            {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
-        )
+        self._headers = httpx.Headers(request_headers(api_key, api_secret))
         self._contact_url = httpx.URL(self.url)
         self._register_url = httpx.URL(self.base_url + REGISTER_PATH)
         # The transport is called directly, not through httpx.AsyncClient: the client's
@@ -381,6 +378,12 @@ class EngageLabClient:
         else:
             batch.done.set_exception(error)
 
+    def probe(self) -> ApiResult:
+        """Send :data:`PROBE_DOCUMENT` once (``cdc-sync check``), by the way every push goes: the
+        same transport, proxy and certificates. Judge the answer with :func:`judge_probe`."""
+        result, _ = self._run(self.send(Call(self._contact_url, PROBE_DOCUMENT, _answer)))
+        return result
+
     async def send(self, call: Call[Any]) -> tuple[ApiResult, bytes]:
         """One request: its classified answer and body. Transport failures become TRANSIENT
         (or, for a refused certificate or proxy, FATAL) results with no body, never exceptions."""
@@ -436,6 +439,38 @@ class EngageLabClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def request_headers(api_key: str, api_secret: str) -> dict[str, str]:
+    """The headers of every API request: HTTP Basic auth and a JSON body."""
+    token = base64.b64encode(f"{api_key}:{api_secret}".encode()).decode()
+    return {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+
+
+# A contact request with no EUID: whatever EngageLab does with it, it can change no user.
+PROBE_DOCUMENT: Mapping[str, Any] = {"contacts": {}}
+PROBE_ACCEPTED_CODES = frozenset({40007, 55108})  # "EUID empty" / "EUID invalid": past the auth
+
+
+class Credentials(StrEnum):
+    """What a probe (:func:`probe_credentials`) proved about the API key and secret."""
+
+    ACCEPTED = "accepted"  # a per-record code: EngageLab authenticated the request first
+    REFUSED = "refused"  # a fatal code (40050, 50031, 50034, 50074) or HTTP 401/403
+    UNPROVEN = "unproven"  # any other answer: neither proves nor disproves them
+
+
+def judge_probe(result: ApiResult) -> Credentials:
+    """What the answer to :data:`PROBE_DOCUMENT` says about the credentials.
+
+    This relies on EngageLab checking credentials before the body, as the emulator does: a
+    per-record code then means they passed.
+    """
+    if result.verdict is Verdict.FATAL and result.status is not None:
+        return Credentials.REFUSED  # (no status: a certificate or proxy refused, not EngageLab)
+    if result.code in PROBE_ACCEPTED_CODES:
+        return Credentials.ACCEPTED
+    return Credentials.UNPROVEN
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

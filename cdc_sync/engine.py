@@ -46,6 +46,7 @@ from cdc_sync.outcomes import (
     CycleCounts,
     CycleReport,
     CycleStart,
+    GaveUp,
     PageReport,
     RowOutcome,
     RunOutcome,
@@ -74,6 +75,7 @@ PRUNE_EVERY = timedelta(hours=1)  # how often old run history is deleted
 # A row can enter that set at any time (an insert without the cursor), so the sweep comes back;
 # between sweeps it costs an idle cycle nothing. With the audit on, the audit covers them too.
 REACH_EVERY = timedelta(hours=1)
+ESTIMATE_CAP = 1_000_000  # rows a backlog estimate counts at most (an index range, bounded)
 
 
 class Pusher(Protocol):
@@ -364,6 +366,9 @@ class Engine:
                 self.clock(),
                 error,
                 cycle.horizon.replica_lag,
+                cycle.estimated,
+                cycle.horizon.ceiling,
+                cycle.caught_up and not cycle.held,
             )
             self.observer.cycle_finished(report)
         return report
@@ -429,6 +434,8 @@ class _Cycle:
         self.ahead_rows = 0  # rows read stamped ahead of the source's clock (they hold it)
         self.ahead_by: Any = None  # how far the furthest of them is ahead
         self.tally: Counter[str] = Counter()  # by CycleCounts field name
+        self.estimated: int | None = None  # rows the scan is expected to read, if it counted
+        self.caught_up = False  # the scan read to the end of the table
 
     def scan(self, stop: threading.Event) -> None:
         """Read pages from the watermark on; each page's pushes overlap the next page's reading.
@@ -442,11 +449,16 @@ class _Cycle:
         pending: _Batch | None = None  # the page whose pushes are in flight
         try:
             self.horizon, rows = e.source.first_page(after, start, size, stop=stop)
+            estimate = len(rows) == size  # a backlog: count it while the first page is pushed
             while True:
                 done, pending = pending, self.send(rows, retrying=False) if rows else None
+                if estimate:
+                    estimate = False
+                    self.estimated = e.source.count_from(after, start, ESTIMATE_CAP, stop=stop)
                 if done is not None:
                     self.finish(done, retrying=False)
                 if not rows or len(rows) < size or stop.is_set():
+                    self.caught_up = not stop.is_set()
                     break
                 after = Position(rows[-1].cursor, rows[-1].key)
                 rows = e.source.read_page(after, None, size, stop=stop)
@@ -636,7 +648,7 @@ class _Cycle:
         answers = batch.answers.result()
         results: dict[int, ApiResult | None] = dict(zip(batch.sending, answers, strict=True))
         results.update(batch.unresolved)
-        updates, recorded = [], []
+        updates, recorded, gave_up = [], [], []
         page: Counter[RowOutcome] = Counter()
         rows = zip(batch.mapped, batch.keys, batch.actions, strict=True)
         for i, (m, key, action) in enumerate(rows):
@@ -650,6 +662,8 @@ class _Cycle:
                 updates.append(update)
                 if update.status is Status.RETRYING:
                     e.note_retry(update.next_attempt_at)
+                elif update.status is Status.FAILED and action is Action.PUSH:
+                    gave_up.append(GaveUp(key, update.euid, update.last_code, update.last_message))
             page[_outcome(action, update.status if update else None, done)] += 1
         self.tally.update(page)
         self.tally["rows_read"] += len(batch.rows)
@@ -684,6 +698,9 @@ class _Cycle:
                 self.counts(),
                 retrying,
                 watermark,
+                bool(updates) or moved is not None,
+                self.estimated,
+                tuple(gave_up),
                 refused,
             )
         )

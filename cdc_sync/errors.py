@@ -14,8 +14,9 @@
                                     (exit 75, EX_TEMPFAIL)
 
 Per-record problems (a bad row, an API code that concerns one user) are *not* exceptions: they are
-values (:class:`cdc_sync.rules.Outcome`) recorded in the sync-status table, so one bad row never
-stops the others.
+values (:class:`cdc_sync.outcomes.RowOutcome`) recorded in the sync-status table, so one bad row
+never stops the others. ``once`` still exits non-zero when they are left: 4 (``EX_USERS_FAILED``)
+when a user failed for good, else 5 (``EX_USERS_RETRYING``) when users are left to retry.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 EX_CONFIG = 78
 EX_UNAVAILABLE = 69
 EX_FATAL_API = 3
+EX_USERS_FAILED = 4  # ``once``: users failed for good in this cycle (permanent, or out of retries)
+EX_USERS_RETRYING = 5  # ``once``: users are left to retry (EngageLab unreachable, throttling)
 
 
 class CdcSyncError(Exception):

@@ -13,12 +13,21 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, TextIO
 
 import structlog
 
-from cdc_sync.outcomes import AuditSlice, CycleReport, CycleStart, PageReport
+from cdc_sync.outcomes import (
+    AuditSlice,
+    CycleReport,
+    CycleStart,
+    PageReport,
+    Progress,
+    RunOutcome,
+    describe,
+)
 
 # syslog(3) priorities of structlog's level names (add_log_level calls exception() "error").
 PRIORITIES = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
@@ -90,34 +99,75 @@ def configure(
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
-class EventLog:
-    """The log as an observer of the engine (``engine.Observer``): a line when a cycle starts,
-    one per page recorded, one when it finishes, and warnings for what needs a look."""
+PROGRESS_EVERY = 10.0  # seconds between progress lines of a long scan, at least
 
-    def __init__(self) -> None:
+
+class EventLog:
+    """The log as an observer of the engine (``engine.Observer``).
+
+    Per cycle: ``cycle_started`` and one ``cycle_finished`` (duration, the counts, run id,
+    watermark; WARNING or worse when the cycle did not end well). Per page: ``page_recorded``.
+    Per user who fails for good (permanently, or out of retries): a WARNING ``user_failed`` with
+    key, euid, code and message, never a contact value. During a long scan, ``cycle_progress`` at
+    most every ``progress_every`` seconds: rows done, estimated total, rate, time remaining.
+    """
+
+    def __init__(
+        self,
+        *,
+        progress_every: float = PROGRESS_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.log = structlog.get_logger("cdc_sync.engine")
+        self.progress_every = progress_every
+        self.clock = clock
+        self._started = self._said = clock()
 
     def cycle_started(self, start: CycleStart) -> None:
+        self._started = self._said = self.clock()
         if start.abandoned:
             self.log.warning("abandoned_runs_closed", sync=start.sync, runs=start.abandoned)
-        self.log.info("cycle_started", sync=start.sync, run_id=start.run_id)
+        self.log.info(
+            "cycle_started",
+            sync=start.sync,
+            run_id=start.run_id,
+            watermark=describe(start.watermark),
+        )
 
     def page_recorded(self, page: PageReport) -> None:
-        self.log.info(
+        log = self.log
+        for user in page.gave_up:
+            log.warning(
+                "user_failed",
+                sync=page.sync,
+                run_id=page.run_id,
+                key=user.key,
+                euid=user.euid,
+                code=user.code,
+                message=user.message,
+            )
+        log.info(
             "page_recorded",
             sync=page.sync,
+            run_id=page.run_id,
             rows=page.rows,
-            pushed=page.sent,
+            sent=page.sent,
             retrying=page.retrying,
+            rows_read=page.total.rows_read,
         )
-        refused = page.refused
-        if refused is not None:
-            self.log.critical(
-                "engagelab_refused",
+        now = self.clock()
+        if page.rows_estimated is not None and now - self._said >= self.progress_every:
+            self._said = now
+            progress = Progress(page.total.rows_read, page.rows_estimated, now - self._started)
+            remaining = progress.remaining_seconds
+            log.info(
+                "cycle_progress",
                 sync=page.sync,
-                code=refused.code,
-                status=refused.status,
-                message=refused.message,
+                run_id=page.run_id,
+                rows_done=progress.done,
+                rows_estimated=progress.total,
+                rows_per_s=round(progress.rate, 1),
+                remaining_s=None if remaining is None else round(remaining),
             )
 
     def slice_audited(self, audit: AuditSlice) -> None:
@@ -126,11 +176,19 @@ class EventLog:
 
     def cycle_finished(self, report: CycleReport) -> None:
         counts = report.counts
-        self.log.info(
+        level = _LEVELS.get(report.outcome, logging.INFO)
+        self.log.log(
+            level,
             "cycle_finished",
             sync=report.sync,
             run_id=report.run_id,
             outcome=report.outcome.value,
+            duration_s=round(report.seconds, 3),
+            watermark=describe(report.watermark_after),
             replica_lag_s=report.replica_lag,
+            error=report.error,
             **counts.as_dict(),
         )
+
+
+_LEVELS = {RunOutcome.FATAL: logging.CRITICAL, RunOutcome.ERROR: logging.ERROR}

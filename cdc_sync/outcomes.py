@@ -15,6 +15,7 @@ Pure values: nothing here touches a database or the network.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -125,12 +126,24 @@ class CycleStart:
 
 
 @dataclass(frozen=True, slots=True)
+class GaveUp:
+    """A user who failed for good in this page: permanently, or out of retries."""
+
+    key: str
+    euid: int | None
+    code: int | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class PageReport:
     """One page recorded: its outcomes and the watermark are durable.
 
     ``outcomes`` counts this page's rows by :class:`RowOutcome`; ``total`` is the cycle's
     counts so far, this page included. ``retrying`` marks a page of the retry phase (rows
-    re-read for due retries) rather than of the scan.
+    re-read for due retries) rather than of the scan. ``wrote``: the page changed the tracking
+    tables (an idle page of the lookback window does not). ``rows_estimated``: the scan's
+    estimate of the rows it will read, when it met a backlog.
     """
 
     sync: str
@@ -141,6 +154,9 @@ class PageReport:
     total: CycleCounts
     retrying: bool
     watermark: Position | None
+    wrote: bool
+    rows_estimated: int | None
+    gave_up: tuple[GaveUp, ...] = ()
     refused: FatalApiError | None = None  # EngageLab refused the sync on this page
 
 
@@ -168,3 +184,46 @@ class CycleReport:
     finished_at: datetime
     error: str | None = None
     replica_lag: float | None = None  # seconds the source replica was behind (None: no replica)
+    rows_estimated: int | None = None  # rows the scan expected to read, when it met a backlog
+    source_clock: Any = None  # the source's clock in the cursor's type (None: not a timestamp)
+    caught_up: bool = False  # the scan read to the end and the watermark followed it
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far a long scan has got: from rows done, rows estimated and seconds elapsed."""
+
+    done: int
+    estimated: int
+    seconds: float
+
+    @property
+    def total(self) -> int:
+        """The estimate, or the rows done where the table grew past it."""
+        return max(self.done, self.estimated)
+
+    @property
+    def rate(self) -> float:
+        """Rows a second so far."""
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def remaining_seconds(self) -> float | None:
+        """At the rate so far (None: no rate yet)."""
+        rate = self.rate
+        return (self.total - self.done) / rate if rate > 0 else None
+
+
+def describe(position: Position | None) -> str | None:
+    """A human form of a watermark for run history, logs and status output."""
+    if position is None:
+        return None
+    return json.dumps([_plain(position.cursor), _plain(position.key)])
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, int | str) else str(value)

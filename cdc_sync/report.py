@@ -5,18 +5,23 @@ Pure formatting: each view is a function of the values the state store and the s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from cdc_sync.dburls import mask_password
 from cdc_sync.durations import format_duration
-from cdc_sync.outcomes import CycleCounts, Unit
+from cdc_sync.engagelab import Credentials, judge_probe
+from cdc_sync.outcomes import CycleCounts, RunOutcome, Unit, describe
+from cdc_sync.outcomes import Progress as Backlog
 from cdc_sync.rules import Status
-from cdc_sync.state import HistoryEntry, Progress, StatusView, UserStatus, describe
+from cdc_sync.state import HistoryEntry, Progress, RunRow, StatusView, UserStatus
 
 if TYPE_CHECKING:
     from cdc_sync.config import Settings
+    from cdc_sync.engagelab import ApiResult
     from cdc_sync.engine import Preview
     from cdc_sync.outcomes import CycleReport
     from cdc_sync.rules import Position
@@ -50,7 +55,69 @@ def cycle_line(report: CycleReport) -> str:
     return f"cycle {report.run_id} {report.outcome}: {c.rows_read} rows read; users: {users}"
 
 
-def render_status(view: StatusView) -> str:
+def backlog(view: StatusView, now: datetime) -> tuple[RunRow, Backlog] | None:
+    """How far the run under way has got, when its scan met a backlog (and counted it)."""
+    running = view.runs[0] if view.runs else None
+    if running is None or running.outcome != RunOutcome.RUNNING:
+        return None
+    if running.rows_estimated is None:
+        return None
+    seconds = (now - running.started_at).total_seconds()
+    return running, Backlog(running.counts.rows_read, running.rows_estimated, seconds)
+
+
+def status_data(view: StatusView, now: datetime) -> dict[str, Any]:
+    """What ``status`` shows, as plain values (``status --json`` prints them as they are)."""
+    at = view.progress
+    under_way = backlog(view, now)
+    progress = None
+    if under_way is not None:
+        run, p = under_way
+        remaining = p.remaining_seconds
+        progress = {
+            "run": run.id,
+            "rows_done": p.done,
+            "rows_estimated": p.total,
+            "rows_per_s": round(p.rate, 1),
+            "remaining_s": None if remaining is None else round(remaining),
+        }
+    return {
+        "sync": view.name,
+        "watermark": describe(at.watermark),
+        "watermark_reset": None if view.reset is None else {"to": describe(view.reset[0])},
+        "cursor_reach": {
+            "rows": at.reach_rows,
+            "counted_at": at.reach_checked_at,
+            "sweep_under_way": at.reach_key is not None,
+        },
+        "watermark_held": None
+        if not at.held_rows
+        else {"rows": at.held_rows, "ahead_by_s": at.held_by_s},
+        "users": {status.value: view.counts.get(status, 0) for status in Status},
+        "progress": progress,
+        "runs": [_run_data(run) for run in view.runs],
+        "problems": [asdict(user) for user in view.problems],
+    }
+
+
+def _run_data(run: RunRow) -> dict[str, Any]:
+    data = asdict(run)
+    counts: dict[str, int] = data.pop("counts")
+    return data | counts  # the counts beside the other columns, as in the table
+
+
+def status_json(data: dict[str, Any]) -> str:
+    """``status --json``: :func:`status_data`'s values, timestamps in ISO 8601."""
+    return json.dumps(data, default=_iso, indent=2)
+
+
+def _iso(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def render_status(view: StatusView, now: datetime) -> str:
     counts = view.counts
     by_status = ", ".join(f"{k} {counts.get(k, 0)}" for k in Status)
     parts = [
@@ -63,6 +130,7 @@ def render_status(view: StatusView) -> str:
             if view.reset
             else []
         ),
+        *backlog_lines(backlog(view, now)),
         "",
         "recent runs (newest first; read counts rows, the other counts users)",
         table(
@@ -110,6 +178,23 @@ def render_status(view: StatusView) -> str:
         else "  none",
     ]
     return "\n".join(parts)
+
+
+def backlog_lines(under_way: tuple[RunRow, Backlog] | None) -> list[str]:
+    """What ``status`` says of a long scan under way: rows done of the estimate, rate, time left."""
+    if under_way is None:
+        return []
+    run, p = under_way
+    left = p.remaining_seconds
+    return [
+        f"  progress: run {run.id} has read {p.done:,} of about {p.total:,} rows, "
+        f"{p.rate:,.0f} rows/s, "
+        + (
+            "time left unknown"
+            if left is None
+            else f"about {_duration(timedelta(seconds=left))} left"
+        )
+    ]
 
 
 def progress_lines(progress: Progress) -> list[str]:
@@ -190,10 +275,12 @@ def render_check(
     head: str | None,
     route: str | None = None,
     pending: int | None = None,
+    probe: ApiResult | None = None,
 ) -> tuple[str, bool]:
     """The report of ``cdc-sync check`` and whether everything needed to run is in place.
 
-    ``pending``: users whose row, read now, would be pushed (see :meth:`Engine.pending`)."""
+    ``pending``: users whose row, read now, would be pushed (see :meth:`Engine.pending`).
+    ``probe``: the answer to ``check``'s credentials probe (``EngageLabClient.probe``)."""
     lookback = settings.source.lookback
     lines = [f"config     {settings.config_path}: valid"]
     exposure = secret_warning(settings)
@@ -238,7 +325,8 @@ def render_check(
             f"pending    {pending} user(s) would be pushed when next read: new, changed, or "
             "mapped differently than last sent (normalize or clear_empty changed)"
         )
-    lines.append(f"engagelab  {settings.engagelab.base_url} (api key {settings.engagelab.api_key})")
+    api = settings.engagelab
+    lines.append(f"engagelab  {api.base_url} (api key {api.api_key}): {_probed(probe)}")
     if route is not None:
         lines.append(f"proxy      {route}")
     return "\n".join(lines), ok
@@ -301,6 +389,25 @@ def index_lines(advice: IndexAdvice, cursor: str, key: str) -> list[str]:
     if advice.note:
         lines.append(f"           ({advice.note})")
     return lines + [f"           {statement}" for statement in advice.statements]
+
+
+def _probed(probe: ApiResult | None) -> str:
+    """What the credentials probe proved, in words."""
+    if probe is None:
+        return "not asked"
+    answer = f"HTTP {probe.status}, code {probe.code}: {probe.message}"
+    judged = judge_probe(probe)
+    if judged is Credentials.ACCEPTED:
+        return f"credentials accepted (a request with no EUID was answered {answer})"
+    if judged is Credentials.REFUSED:
+        return f"credentials REFUSED ({answer}); fix engagelab.api_key and engagelab.api_secret"
+    if probe.status is None:
+        return f"UNREACHABLE ({probe.message}); check engagelab.base_url and the network"
+    return (
+        f"credentials not proven: a request with no EUID was answered {answer}; the check "
+        "relies on EngageLab checking credentials before the body, and this answer is neither "
+        "a per-record code (they passed) nor a refusal"
+    )
 
 
 def lookback_warning(

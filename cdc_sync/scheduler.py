@@ -114,8 +114,7 @@ class Daemon:
         self.notifier.watchdog()
         try:
             report = self.engine.run_cycle(self.halt)
-        except FatalApiError as exc:
-            log.critical("cycle_refused", error=str(exc), code=exc.code, status=exc.status)
+        except FatalApiError as exc:  # its cycle_finished line said so, at CRITICAL
             self._refused(exc)
         except CdcSyncError as exc:
             log.error("cycle_failed", error=str(exc))

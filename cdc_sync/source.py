@@ -454,6 +454,28 @@ class Source:
         query = self._page(after is not None, start is not None, limit, with_horizon=False)
         return self._read(query, page_params(after, start), stop)
 
+    def count_from(
+        self, after: Position | None, start: Any, cap: int, *, stop: threading.Event | None = None
+    ) -> int:
+        """How many rows a scan from here would read, counting at most ``cap``.
+
+        The page condition without the order or the columns: on PostgreSQL an index-only range
+        scan of the (cursor, key) index, stopped at ``cap``. Asked once per cycle, and only
+        when the first page is full, so an idle poll never counts.
+        """
+        page = page_query(
+            self.table,
+            self.spec,
+            after=after is not None,
+            start=start is not None,
+            limit=cap,
+            infinite=self.infinite,
+        )
+        one: ColumnElement[Any] = literal_column("1")
+        rows = page.with_only_columns(one, maintain_column_froms=True).order_by(None).subquery()
+        [row] = self._run(select(func.count()).select_from(rows), page_params(after, start), stop)
+        return int(row[0])
+
     def first_page(
         self, after: Position | None, start: Any, limit: int, *, stop: threading.Event | None = None
     ) -> tuple[Horizon, list[SourceRow]]:

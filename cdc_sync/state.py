@@ -8,9 +8,10 @@ outcomes and its watermark are both durable, or neither is and the page is read 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import date, datetime
@@ -61,6 +62,7 @@ from cdc_sync.outcomes import (
     CycleStart,
     PageReport,
     RunOutcome,
+    describe,
 )
 from cdc_sync.redact import clean, storable
 from cdc_sync.rules import Position, Record, Status, Update
@@ -81,6 +83,8 @@ log = structlog.get_logger("cdc_sync.state")
 REMEMBERED_RECORDS = 10_000  # status rows StateStore.records keeps in memory, at most
 
 ERROR_LIMIT = 2000  # characters of a cycle's error kept in cdc_sync_runs.error
+
+SAVE_PROGRESS_EVERY = 1.0  # seconds between saves of a running cycle's counts to its run row
 
 ANALYZE_AFTER = 1000  # status rows this process writes before it checks the table's statistics
 
@@ -149,17 +153,6 @@ def _decoded(text: str | None) -> Any:
     return None if text is None else decode_value(text)
 
 
-def describe(position: Position | None) -> str | None:
-    """A human form of a watermark for run history and status output."""
-    if position is None:
-        return None
-    return json.dumps([_plain(position.cursor), _plain(position.key)])
-
-
-def _plain(value: Any) -> Any:
-    return value if isinstance(value, int | str) else str(value)
-
-
 @dataclass(frozen=True, slots=True)
 class Progress:
     """This sync's row of ``cdc_sync_state``: where each of its readers stands.
@@ -188,6 +181,7 @@ class RunRow:
     finished_at: datetime | None
     outcome: str
     counts: CycleCounts
+    rows_estimated: int | None  # rows its scan expected to read, when it met a backlog
     replica_lag_s: float | None
     watermark_before: str | None
     watermark_after: str | None
@@ -203,6 +197,7 @@ class RunRow:
             m["finished_at"],
             m["outcome"],
             counts,
+            m["rows_estimated"],
             m["replica_lag_s"],
             m["watermark_before"],
             m["watermark_after"],
@@ -725,6 +720,7 @@ class StateStore:
         watermark: Position | None,
         error: str | None = None,
         replica_lag: float | None = None,
+        rows_estimated: int | None = None,
     ) -> None:
         values = {
             "run": run_id,
@@ -733,10 +729,24 @@ class StateStore:
             "watermark_after": describe(watermark),
             "error": None if error is None else clean(error, ERROR_LIMIT),
             "replica_lag_s": replica_lag,
+            "rows_estimated": rows_estimated,
             **counts.as_dict(),
         }
         with self._connect() as connection:  # one statement: atomic by itself
-            connection.execute(_FINISH_RUN, values)
+            connection.execute(_UPDATE_RUN, values)
+
+    def save_progress(
+        self, run_id: int, counts: CycleCounts, watermark: Position | None, estimated: int | None
+    ) -> None:
+        """The counts so far of a run still going, so ``status`` shows how far it has got."""
+        values = {
+            "run": run_id,
+            "watermark_after": describe(watermark),
+            "rows_estimated": estimated,
+            **counts.as_dict(),
+        }
+        with self._connect() as connection:  # one statement: atomic by itself
+            connection.execute(_UPDATE_RUN, values)
 
     def close_abandoned_runs(self, now: datetime) -> int:
         """Mark runs left ``running`` by a process that died (SIGKILL, power loss) ``abandoned``.
@@ -1050,16 +1060,30 @@ class StateStore:
 
 class RunHistory:
     """The run history as an observer of the engine (``engine.Observer``): each cycle's row of
-    ``cdc_sync_runs`` is closed with its outcome and counts. (The engine opens it, for its id.)"""
+    ``cdc_sync_runs`` gets its counts as pages land (at most every ``save_every`` seconds, and
+    only for pages that wrote something, so an idle poll costs nothing more), and is closed with
+    its outcome. (The engine opens it, for its id.)"""
 
-    def __init__(self, state: StateStore) -> None:
+    def __init__(
+        self,
+        state: StateStore,
+        *,
+        save_every: float = SAVE_PROGRESS_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.state = state
+        self.save_every = save_every
+        self.clock = clock
+        self._saved: float | None = None
 
     def cycle_started(self, start: CycleStart) -> None:
-        pass
+        self._saved = None
 
     def page_recorded(self, page: PageReport) -> None:
-        pass
+        now = self.clock()
+        if page.wrote and (self._saved is None or now - self._saved >= self.save_every):
+            self._saved = now
+            self.state.save_progress(page.run_id, page.total, page.watermark, page.rows_estimated)
 
     def slice_audited(self, audit: AuditSlice) -> None:
         pass
@@ -1073,6 +1097,7 @@ class RunHistory:
             report.watermark_after,
             report.error,
             report.replica_lag,
+            report.rows_estimated,
         )
 
 
@@ -1088,7 +1113,7 @@ _START_RUN = insert(sync_runs).returning(
     select(sync_state.c.epoch).where(_THIS_SYNC).scalar_subquery(),
     select(sync_state.c.reset_requested_at).where(_THIS_SYNC).scalar_subquery(),
 )
-_FINISH_RUN = update(sync_runs).where(sync_runs.c.id == bindparam("run"))  # SET: the other keys
+_UPDATE_RUN = update(sync_runs).where(sync_runs.c.id == bindparam("run"))  # SET: the other keys
 _RESET = select(
     sync_state.c.reset_requested_at, sync_state.c.reset_cursor, sync_state.c.reset_key
 ).where(_THIS_SYNC)

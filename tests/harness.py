@@ -14,7 +14,7 @@ from userdb import CONTACT_COLUMNS, UserDb
 from cdc_sync.cli import state_engine
 from cdc_sync.emulator import Emulator, EmulatorServer
 from cdc_sync.engagelab import EngageLabClient
-from cdc_sync.engine import CycleReport, Engine, EngineSettings
+from cdc_sync.engine import CycleReport, Engine, EngineSettings, Observer
 from cdc_sync.identity import Resolver
 from cdc_sync.mapping import Policy
 from cdc_sync.rules import Retry
@@ -74,7 +74,9 @@ class World:
         self.on_leave: Literal["keep", "clear"] = "keep"
         self.identity: str | None = None  # source.identity's name; its column is ``name``
 
-    def engine(self, client: EngageLabClient | None = None) -> Engine:
+    def engine(
+        self, client: EngageLabClient | None = None, observer: Observer | None = None
+    ) -> Engine:
         spec = SourceSpec(
             "users",
             "id",
@@ -106,6 +108,7 @@ class World:
             resolver=resolver,
             clock=self.clock,
             jitter=lambda: 0.0,
+            observer=observer,
         )
 
     def cycle(self, client: EngageLabClient | None = None) -> CycleReport:

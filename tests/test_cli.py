@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,11 @@ def edit(path: Path, key: str, value: object) -> Path:
         node[last] = value
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
+
+
+def reachable(api: EmulatorServer) -> dict[str, str]:
+    """The engagelab settings of an offline config pointed at the emulator, which accepts them."""
+    return {"base_url": api.url, "api_secret": "secret"}
 
 
 def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
@@ -366,11 +373,13 @@ def test_migrate_twice_is_idempotent(state_url: str, tmp_path: Path) -> None:
 
 
 def test_check_without_index_prints_the_statement_and_lookback(
-    pg_database: str, tmp_path: Path
+    pg_database: str, api: EmulatorServer, tmp_path: Path
 ) -> None:
     """Without an (updated_at, id) index ``check`` prints the statement to run and the lookback."""
     UserDb(pg_database, index=False).dispose()
-    config = offline_config(tmp_path, source={"url": pg_database, "lookback": "5m"})
+    config = offline_config(
+        tmp_path, source={"url": pg_database, "lookback": "5m"}, engagelab=reachable(api)
+    )
     assert cdc_sync(config, "migrate").returncode == 0
 
     result = cdc_sync(config, "check")
@@ -384,9 +393,11 @@ def test_check_without_index_prints_the_statement_and_lookback(
     assert SECRET not in result.stdout + result.stderr
 
 
-def test_check_with_index_says_it_is_present(users: UserDb, tmp_path: Path) -> None:
+def test_check_with_index_says_it_is_present(
+    users: UserDb, api: EmulatorServer, tmp_path: Path
+) -> None:
     """With the (updated_at, id) index in place ``check`` names it and asks for nothing."""
-    config = offline_config(tmp_path, source={"url": users.url})
+    config = offline_config(tmp_path, source={"url": users.url}, engagelab=reachable(api))
     assert cdc_sync(config, "migrate").returncode == 0
 
     result = cdc_sync(config, "check")
@@ -398,10 +409,11 @@ def test_check_with_index_says_it_is_present(users: UserDb, tmp_path: Path) -> N
 
 
 def test_check_hides_a_query_password_and_warns_who_may_read_it(
-    users: UserDb, tmp_path: Path
+    users: UserDb, api: EmulatorServer, tmp_path: Path
 ) -> None:
     """check shows a ?password= as ***, and warns while others may read a file holding secrets."""
-    config = offline_config(tmp_path, source={"url": f"{users.url}?password=hunter22"})
+    source = {"url": f"{users.url}?password=hunter22"}
+    config = offline_config(tmp_path, source=source, engagelab=reachable(api))
     config.chmod(0o644)
     assert cdc_sync(config, "migrate").returncode == 0
 
@@ -576,7 +588,7 @@ def test_help_describes_the_program_and_lists_every_exit_status(tmp_path: Path) 
     assert "in step with an application's user table" in result.stdout
     assert "collaborators" not in result.stdout
     statuses = re.findall(r"^  (\d+) ", result.stdout.split("exit statuses:")[1], re.MULTILINE)
-    assert statuses == ["0", "1", "2", "3", "69", "75", "78", "141"]
+    assert statuses == ["0", "1", "2", "3", "4", "5", "69", "75", "78", "141"]
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -624,9 +636,11 @@ def test_the_units_documentation_is_a_file_the_documented_install_creates() -> N
     assert set(files) <= targets, (files, targets)
 
 
-def test_sslmode_in_a_database_url_reaches_libpq(users: UserDb, tmp_path: Path) -> None:
+def test_sslmode_in_a_database_url_reaches_libpq(
+    users: UserDb, api: EmulatorServer, tmp_path: Path
+) -> None:
     """The README's database TLS advice holds: ``?sslmode=`` in the URL is libpq's to enforce."""
-    config = offline_config(tmp_path, source={"url": users.url})
+    config = offline_config(tmp_path, source={"url": users.url}, engagelab=reachable(api))
     assert cdc_sync(config, "migrate").returncode == 0
 
     plain = cdc_sync(config, "check")
@@ -687,7 +701,9 @@ def test_once_through_an_authenticating_proxy_never_shows_its_password(
 
     assert once.returncode == 0, once.stderr
     assert api.emulator.stats()["accepted"] == 3
-    assert len(authenticating_proxy.requests()) == 3
+    assert len(authenticating_proxy.requests()) == 4  # the pushes, and check's probe
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "credentials accepted" in check.stdout
     route = f"{authenticating_proxy.url} (engagelab.proxy), absolute-form requests, with Proxy-"
     assert f"proxy      {route}Authorization" in check.stdout, check.stdout
     shown = once.stdout + once.stderr + check.stdout + check.stderr
@@ -791,7 +807,8 @@ def test_no_secret_password_or_contact_value_reaches_any_output_or_table(
         emulator.set_faults(Faults(answers=answers))
         outputs.extend(cdc_sync(config, command) for command in ("once", "status", "check"))
 
-    assert [r.returncode for r in outputs] == [0, 0, 3, 0, 0, 0], [r.stderr for r in outputs]
+    # once: users failed for good (4), refused (3), then the failed unchanged, others retrying (5)
+    assert [r.returncode for r in outputs] == [0, 4, 3, 5, 0, 0], [r.stderr for r in outputs]
     assert "authentication failed for <email>" in refused.stderr  # the message is kept, redacted
     token = base64.b64encode(f"key:{SECRET}".encode()).decode()
     needles = [SECRET, token, SOURCE_PASSWORD, STATE_PASSWORD, new_email]
@@ -853,3 +870,106 @@ def test_postgres_connections_give_up_on_a_server_that_does_not_answer(
         engine.dispose()
 
     assert seen == [expected, expected]
+
+
+# -- honest exits, status without the secret, status --json, check's credentials -----------------
+
+
+def test_once_exits_5_when_engagelab_is_unreachable(sync: Sync) -> None:
+    """With nothing answering, every user is left retrying and ``once`` exits 5, not 0."""
+    sync.users.add_users(range(1, 11))
+    sync.write(engagelab={"base_url": "http://127.0.0.1:9"})
+
+    result = sync("once")
+
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert "users: synced 0, unchanged 0, retrying 10," in result.stdout
+    assert_no_traceback(result)
+
+
+def test_once_exits_4_when_a_user_fails_for_good(sync: Sync) -> None:
+    """A user EngageLab refuses for good makes ``once`` exit 4; the next, clean cycle exits 0."""
+    sync.users.add_users(range(1, 6))
+    sync.emulator.set_faults(Faults(fail_codes={1003: 55108}))
+
+    failed = sync("once")
+    again = sync("once")
+
+    assert failed.returncode == 4, failed.stdout + failed.stderr
+    assert ", failed 1," in failed.stdout
+    assert again.returncode == 0, again.stdout + again.stderr  # user 3 is unchanged since
+
+
+def test_status_and_migrate_need_no_engagelab_secret(sync: Sync) -> None:
+    """Commands that never call the API run without the secret; ``once`` still asks for it."""
+    sync.users.add_users(range(1, 4))
+    assert sync("once").returncode == 0
+    sync.write(engagelab={"api_secret": "${ENGAGELAB_API_SECRET}"})
+    env = environ(ENGAGELAB_API_SECRET=None)
+
+    status = cdc_sync(sync.config, "status", env=env)
+    migrate = cdc_sync(sync.config, "migrate", env=env)
+    once = cdc_sync(sync.config, "once", env=env)
+
+    assert status.returncode == 0, status.stderr
+    assert "users: synced 3," in status.stdout
+    assert migrate.returncode == 0, migrate.stderr
+    assert once.returncode == 78
+    assert "engagelab.api_secret: environment variable ENGAGELAB_API_SECRET is not set" in (
+        once.stderr
+    )
+
+
+def test_status_json_is_for_scripts(sync: Sync) -> None:
+    """``status --json`` prints the users by status, the runs and the problem users as JSON."""
+    sync.users.add_users(range(1, 4))
+    sync.users.add_users([4], engagelab_euid=None)
+    assert sync("once").returncode == 0
+
+    result = sync("status", "--json")
+
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["users"] == {"synced": 3, "retrying": 0, "failed": 0, "skipped": 1, "left": 0}
+    [run] = data["runs"]
+    assert (run["outcome"], run["rows_read"], run["synced"], run["skipped"]) == ("ok", 4, 3, 1)
+    assert datetime.fromisoformat(run["started_at"]).tzinfo is not None
+    assert [(p["source_key"], p["status"]) for p in data["problems"]] == [("4", "skipped")]
+    assert data["progress"] is None
+
+
+@pytest.mark.parametrize(
+    ("secret", "faults", "status", "says"),
+    [
+        ("secret", Faults(), 0, "credentials accepted"),
+        (WRONG_SECRET, Faults(), 3, "credentials REFUSED (HTTP 401, code 40050"),
+        ("secret", Faults(server_error_rate=1.0), 0, "credentials not proven"),
+    ],
+    ids=["accepted", "refused", "neither"],
+)
+def test_check_proves_the_credentials_without_changing_a_user(
+    sync: Sync, secret: str, faults: Faults, status: int, says: str
+) -> None:
+    """``check`` sends one request that can change no user and says what its answer proves."""
+    sync.write(secret=secret)
+    sync.emulator.set_faults(faults)
+
+    result = sync("check")
+
+    assert result.returncode == status, result.stdout + result.stderr
+    assert says in result.stdout
+    assert sync.requests() == 1 and sync.emulator.contacts == {}
+    # (as a word: the warning of a readable config names the key engagelab.api_secret)
+    assert not re.search(rf"\b{re.escape(secret)}\b", result.stdout + result.stderr)
+    if says == "credentials not proven":
+        assert "relies on EngageLab checking credentials before the body" in result.stdout
+
+
+def test_check_says_engagelab_is_unreachable_and_exits_69(sync: Sync) -> None:
+    """Nothing answering at engagelab.base_url is a setup problem ``check`` names."""
+    sync.write(engagelab={"base_url": "http://127.0.0.1:9"})
+
+    result = sync("check")
+
+    assert result.returncode == 69, result.stdout + result.stderr
+    assert "UNREACHABLE (connection failed" in result.stdout

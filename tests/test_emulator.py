@@ -31,6 +31,7 @@ from cdc_sync.emulator import (
     pick_fault,
     take_token,
 )
+from cdc_sync.engagelab import PROBE_DOCUMENT
 
 KEY, SECRET = "test-key", "test-secret-do-not-echo"
 CONTACT = "/v1/user/contact"
@@ -264,6 +265,20 @@ def test_bad_credentials_get_40050(
 
     assert (response.status_code, response.json()["code"]) == (401, 40050)
     assert emulator.contacts == {}
+
+
+@pytest.mark.parametrize(
+    ("auth", "code"), [((KEY, SECRET), 40007), ((KEY, "wrong"), 40050)], ids=["right", "wrong"]
+)
+def test_credentials_are_checked_before_the_body(
+    server: EmulatorServer, auth: tuple[str, str], code: int
+) -> None:
+    """A body with no EUID gets 40007 only past authentication; bad credentials get 40050
+    first, as ``cdc-sync check`` relies on EngageLab doing."""
+    with httpx.Client(base_url=server.url, auth=auth) as http:
+        response = http.post(CONTACT, json=PROBE_DOCUMENT)
+
+    assert response.json()["code"] == code
 
 
 def test_auth_fail_code_refuses_every_request(client: httpx.Client, emulator: Emulator) -> None:

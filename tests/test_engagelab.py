@@ -21,10 +21,12 @@ from cdc_sync.engagelab import (
     MAX_RETRY_AFTER,
     ApiResult,
     CodePolicy,
+    Credentials,
     EngageLabClient,
     Registration,
     Verdict,
     classify,
+    judge_probe,
     new_event_loop,
     parse_retry_after,
     read_registration,
@@ -565,3 +567,43 @@ def test_a_register_call_takes_at_most_100_values(server: EmulatorServer) -> Non
             api.registration("user_id", [str(i) for i in range(101)])
         with pytest.raises(ValueError, match="1 to 100 values"):
             api.registration("user_id", [])
+
+
+# -- the credentials probe of `cdc-sync check` ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("secret", "faults", "judged", "code"),
+    [
+        ("secret", Faults(), Credentials.ACCEPTED, 40007),
+        ("wrong", Faults(), Credentials.REFUSED, 40050),
+        ("secret", Faults(auth_fail_code=50034), Credentials.REFUSED, 50034),
+        ("secret", Faults(server_error_rate=1.0), Credentials.UNPROVEN, -1),
+    ],
+    ids=["accepted", "wrong secret", "no such project", "neither"],
+)
+def test_probe_tells_whether_the_credentials_pass(
+    server: EmulatorServer,
+    emulator: Emulator,
+    secret: str,
+    faults: Faults,
+    judged: Credentials,
+    code: int,
+) -> None:
+    """A request with no EUID proves the credentials by its code, and changes no user."""
+    emulator.set_faults(faults)
+
+    with client(server.url, secret) as api:
+        result = api.probe()
+
+    assert (judge_probe(result), result.code) == (judged, code)
+    assert emulator.contacts == {}
+
+
+def test_probe_of_an_unreachable_api_is_unproven_with_no_status() -> None:
+    """Nothing listening proves nothing: no HTTP status, a connection failure."""
+    with client("http://127.0.0.1:9") as api:
+        result = api.probe()
+
+    assert (judge_probe(result), result.status) == (Credentials.UNPROVEN, None)
+    assert result.message.startswith("connection failed")

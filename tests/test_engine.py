@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import structlog
 from harness import World, wait_for
 from sqlalchemy import Engine as SqlEngine
 from sqlalchemy import event, select
@@ -14,10 +15,12 @@ from userdb import CONTACT_COLUMNS
 
 from cdc_sync.emulator import Faults
 from cdc_sync.engagelab import MAX_RETRY_AFTER, EngageLabClient
-from cdc_sync.engine import Stop
+from cdc_sync.engine import Observers, Stop
 from cdc_sync.errors import FatalApiError
 from cdc_sync.mapping import VANISHED
 from cdc_sync.models import sync_runs
+from cdc_sync.outcomes import AuditSlice, CycleReport, CycleStart, PageReport
+from cdc_sync.state import RunHistory, StateStore
 
 
 @pytest.fixture
@@ -534,3 +537,108 @@ def test_a_stop_calls_what_is_registered_while_it_is_registered() -> None:
     after.set()
 
     assert calls == ["set", "during"]
+
+
+class RunRowProbe:
+    """An observer placed after the run history: what the run row says as each page lands."""
+
+    def __init__(self, state: StateStore) -> None:
+        self.state = state
+        self.seen: list[tuple[str, int, int, int | None]] = []
+
+    def cycle_started(self, start: CycleStart) -> None:
+        pass
+
+    def page_recorded(self, page: PageReport) -> None:
+        [run] = self.state.recent_runs(1)
+        self.seen.append((run.outcome, run.counts.rows_read, run.counts.synced, run.rows_estimated))
+
+    def slice_audited(self, audit: AuditSlice) -> None:
+        pass
+
+    def cycle_finished(self, report: CycleReport) -> None:
+        pass
+
+
+def test_the_run_row_shows_the_counts_and_the_estimate_as_pages_land(world: World) -> None:
+    """While a cycle works through a backlog its run row holds the counts so far and the
+    scan's row estimate, so ``status`` can show how far it has got."""
+    world.users.add_users(range(1, 36))  # pages of 10: four
+    probe = RunRowProbe(world.state)
+    engine = world.engine(observer=Observers(RunHistory(world.state, save_every=0), probe))
+
+    report = engine.run_cycle()
+
+    assert probe.seen == [
+        ("running", 10, 10, 35),
+        ("running", 20, 20, 35),
+        ("running", 30, 30, 35),
+        ("running", 35, 35, 35),
+    ]
+    [run] = world.state.recent_runs(1)
+    assert (run.outcome, run.counts.synced, run.rows_estimated) == ("ok", 35, 35)
+    assert report.rows_estimated == 35
+
+
+def test_a_short_scan_counts_no_backlog(world: World) -> None:
+    """A first page that is not full is all there is: no estimate is asked of the source."""
+    world.users.add_users(range(1, 6))
+
+    report = world.cycle()
+
+    assert report.rows_estimated is None
+    assert world.state.recent_runs(1)[0].rows_estimated is None
+
+
+def test_a_user_who_fails_permanently_gets_a_warning_line(world: World) -> None:
+    """A permanent failure logs one WARNING with key, euid, code and message, no contact value."""
+    world.users.add_users(range(1, 6))
+    world.emulator.set_faults(Faults(fail_codes={1003: 55108}))
+
+    with structlog.testing.capture_logs() as logs:
+        report = world.cycle()
+
+    failed = [line for line in logs if line["event"] == "user_failed"]
+    assert failed == [
+        {
+            "event": "user_failed",
+            "log_level": "warning",
+            "sync": "users",
+            "run_id": report.run_id,
+            "key": "3",
+            "euid": 1003,
+            "code": 55108,
+            "message": "error 55108 forced by the emulator",
+        }
+    ]
+    assert not [line for line in logs if "@example.com" in repr(line)]
+
+
+def test_a_user_out_of_retries_gets_one_warning_line(world: World) -> None:
+    """A user whose transient failures use up retry.max_attempts is logged once, as given up."""
+    world.users.add_users(range(1, 4))
+    world.emulator.set_faults(Faults(fail_codes={1002: -1}))
+
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(6):  # max_attempts is 5
+            world.cycle()
+            world.clock.now += timedelta(hours=1)
+
+    failed = [line for line in logs if line["event"] == "user_failed"]
+    assert [(line["key"], line["code"]) for line in failed] == [("2", -1)]
+    assert failed[0]["message"].startswith("gave up after 5 attempts")
+    assert world.status(2).status == "failed"
+
+
+def test_cycle_finished_says_how_long_what_and_where(world: World) -> None:
+    """One cycle_finished line per cycle: run id, outcome, duration, counts and watermark."""
+    world.users.add_users(range(1, 4))
+
+    with structlog.testing.capture_logs() as logs:
+        report = world.cycle()
+
+    [line] = [line for line in logs if line["event"] == "cycle_finished"]
+    assert line["run_id"] == report.run_id
+    assert (line["outcome"], line["rows_read"], line["synced"]) == ("ok", 3, 3)
+    assert line["duration_s"] == report.seconds
+    assert line["watermark"] is not None and line["watermark"].endswith(", 3]")

@@ -343,7 +343,7 @@ def test_status_shows_the_replica_lag_of_each_run(standby_pair, tmp_path) -> Non
         primary.wait_for_replay(standby)
         world.cycle()
 
-        text = render_status(world.state.status_view())
+        text = render_status(world.state.status_view(), world.clock())
 
     lines = text.splitlines()
     at = next(i for i, line in enumerate(lines) if line.lstrip().startswith("run "))
