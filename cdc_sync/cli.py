@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import Engine as SqlEngine
@@ -89,6 +89,9 @@ class Needs(enum.IntEnum):
 
 log = structlog.get_logger("cdc_sync.cli")
 
+if TYPE_CHECKING:
+    from cdc_sync.metrics import Metrics
+
 
 @dataclass
 class App:
@@ -99,6 +102,7 @@ class App:
     needs: Needs
     _source: Source | None = None
     client: EngageLabClient | None = None
+    metrics: Metrics | None = None
 
     @property
     def source(self) -> Source:
@@ -114,13 +118,21 @@ class App:
         except ValueError as exc:
             raise ConfigError(str(self.settings.config_path), "source.lookback", str(exc)) from None
 
-    def engine(self, *also: Observer, dry_run: bool = False) -> Engine:
+    def engine(self, *also: Observer, dry_run: bool = False, metrics: bool = False) -> Engine:
         """The engine, reporting to the run history, the log and ``also``; with ``dry_run``,
-        one without an API client, for previews."""
+        one without an API client, for previews; with ``metrics``, also to the Prometheus
+        metrics when ``metrics.listen`` is set (:attr:`metrics`)."""
         assert self.needs is Needs.API, "a command running cycles declares Needs.API"
         s = self.settings
+        if metrics and s.metrics.listen is not None and self.metrics is None:
+            from cdc_sync.metrics import Metrics  # prometheus_client is only needed here
+
+            self.metrics = Metrics(s.name, self.state, s.schedule.interval.total_seconds())
+        if self.metrics is not None:
+            also = (*also, self.metrics)
         if self.client is None and not dry_run:
-            self.client = build_client(s)
+            answered = None if self.metrics is None else self.metrics.answered
+            self.client = build_client(s, on_answer=answered)
         knobs = self.engine_settings()
         pusher: Pusher = _NoPushes() if dry_run else self.client  # type: ignore[assignment]
         identity = s.source.identity
@@ -276,7 +288,9 @@ def code_policy(s: Settings) -> CodePolicy:
     )
 
 
-def build_client(s: Settings) -> EngageLabClient:
+def build_client(
+    s: Settings, *, on_answer: Callable[[ApiResult, float], None] | None = None
+) -> EngageLabClient:
     api = s.engagelab
     policy = code_policy(s)
     return EngageLabClient(
@@ -288,6 +302,7 @@ def build_client(s: Settings) -> EngageLabClient:
         rate_limit=api.rate_limit,
         policy=policy,
         proxies=client_proxies(s),
+        on_answer=on_answer,
     )
 
 
@@ -373,11 +388,18 @@ def cmd_run(app: App, args: argparse.Namespace) -> int:
             fix="raise WatchdogSec in the unit, or lower source.batch_size",
         )
     lock = InstanceLock(app.state.engine, app.settings.name)
-    engine = app.engine(Watchdog(notifier))
+    engine = app.engine(Watchdog(notifier), metrics=True)
     daemon = Daemon(engine, app.settings.schedule.interval, lock, notifier, cycle_line)
+    address = app.settings.metrics.address
+    server = None
+    if app.metrics is not None and address is not None:
+        server = app.metrics.serve(*address)
+        log.info("metrics_serving", listen=app.settings.metrics.listen)
     try:
         return daemon.run()
     finally:
+        if server is not None:
+            server.close()
         notifier.close()
 
 

@@ -535,6 +535,39 @@ class LoggingSettings(BaseModel):
     format: Annotated[Literal["json", "console"], BeforeValidator(_lower)] = "json"
 
 
+def host_port(text: str) -> tuple[str, int]:
+    """The host and port of ``HOST:PORT`` (an IPv6 host in brackets), read as the authority of
+    a URL is; a ValueError unless both are there, the port from 1 to 65535, and nothing else."""
+    split = urlsplit("//" + text.strip())
+    port = split.port  # a ValueError for a port that is no number or out of range
+    if not split.hostname or port is None or port == 0 or split.path or split.username:
+        raise ValueError(text)
+    return split.hostname, port
+
+
+def _listen_ok(value: str) -> str:
+    try:
+        host_port(value)
+    except ValueError:
+        raise _invalid(
+            "not HOST:PORT with a port from 1 to 65535; write e.g. 127.0.0.1:9464 or [::1]:9464"
+        ) from None
+    return value.strip()
+
+
+class MetricsSettings(BaseModel):
+    """The Prometheus endpoint of the daemon (``cdc-sync run``)."""
+
+    model_config = _MODEL_CONFIG
+
+    listen: Annotated[str, AfterValidator(_listen_ok)] | None = None  # None: no endpoint
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to serve /metrics on; None: no endpoint."""
+        return None if self.listen is None else host_port(self.listen)
+
+
 def _at_least_one_contact(value: dict[ContactKey, str]) -> dict[ContactKey, str]:
     """A sync with no contacts would push nothing; that is a mistake, not a configuration."""
     if not value:
@@ -591,6 +624,7 @@ class Settings(BaseModel):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     normalize: NormalizeSettings = Field(default_factory=NormalizeSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     _config_path: Path = PrivateAttr(default=Path(DEFAULT_CONFIG_FILE))
     _file: FileFacts | None = PrivateAttr(default=None)

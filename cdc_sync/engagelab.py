@@ -266,7 +266,11 @@ class EngageLabClient:
         transport: httpx.AsyncBaseTransport | None = None,
         proxies: Proxies | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_answer: Callable[[ApiResult, float], None] | None = None,
     ) -> None:
+        """``on_answer(result, seconds)`` is called on the client's loop thread for every request
+        sent, push or register call (``metrics.Metrics.answered``); it must be quick."""
+        self._on_answer = on_answer
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + CONTACT_PATH
         self.policy = policy
@@ -358,7 +362,12 @@ class EngageLabClient:
             try:
                 if await self.pacer.acquire():  # False: halted (FATAL, or cancel): not sent
                     call = batch.calls[index]
-                    result, body = await self.send(call)
+                    if self._on_answer is None:
+                        result, body = await self.send(call)
+                    else:
+                        sent = time.perf_counter()
+                        result, body = await self.send(call)
+                        self._on_answer(result, time.perf_counter() - sent)
                     batch.results[index] = call.read(result, body)
                     if result.verdict is Verdict.FATAL:
                         self.pacer.halt()

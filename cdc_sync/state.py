@@ -878,6 +878,27 @@ class StateStore:
         with self._connect() as connection:
             return {status: count for status, count in connection.execute(query)}
 
+    def retry_queue(self, now: datetime) -> int:
+        """Users whose retry is due now: the queue the next cycle's retry phase works through."""
+        c = sync_status.c
+        query = select(func.count()).where(
+            c.sync_name == self.sync_name,
+            c.status == Status.RETRYING.value,
+            c.next_attempt_at <= now,
+        )
+        with self._connect() as connection:
+            return int(connection.scalar(query) or 0)
+
+    def last_success(self) -> datetime | None:
+        """When the last cycle that ended ok with nobody left retrying finished (None: never)."""
+        c = sync_runs.c
+        query = select(func.max(c.finished_at)).where(
+            c.sync_name == self.sync_name, c.outcome == RunOutcome.OK.value, c.retrying == 0
+        )
+        with self._connect() as connection:
+            found: datetime | None = connection.scalar(query)
+        return found
+
     def recent_runs(self, limit: int = 10) -> list[RunRow]:
         query = (
             select(sync_runs)

@@ -118,6 +118,26 @@ def api() -> Iterator[EmulatorServer]:
         yield server
 
 
+def _program(name: str) -> str:
+    """The path of a program the Debian ``prometheus`` package installs (``.ci/run`` does)."""
+    found = shutil.which(name)
+    if found is None:
+        _unavailable(f"{name} is not on PATH (apt-get install prometheus)", name)
+    return found
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus' checker: ``promtool check rules`` and ``promtool check metrics``."""
+    return _program("promtool")
+
+
+@pytest.fixture(scope="session")
+def prometheus() -> str:
+    """The Prometheus server, for a test that has it scrape a daemon and evaluate rules."""
+    return _program("prometheus")
+
+
 @pytest.fixture
 def users(pg_database: str) -> Iterator[UserDb]:
     """An empty ``users`` table, with the (updated_at, id) index, in a fresh source database."""

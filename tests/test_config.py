@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import pytest
-from configs import DELETE, ENV, REPO, SECRET, changed, failure, load, minimal
+from configs import DELETE, ENV, REPO, SECRET, changed, failure, load, minimal, write
 from pydantic import BaseModel, ValidationError
 
 from cdc_sync.config import Settings, load_settings
@@ -131,6 +131,9 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
         ("engagelab.unknown_code", "transient", lambda s: s.engagelab.unknown_code, "transient"),
         ("logging.level", "debug", lambda s: s.logging.level, "DEBUG"),
         ("logging.format", "Console", lambda s: s.logging.format, "console"),
+        ("metrics.listen", None, lambda s: s.metrics.address, None),
+        ("metrics.listen", "127.0.0.1:9464", lambda s: s.metrics.address, ("127.0.0.1", 9464)),
+        ("metrics.listen", "[::1]:9464", lambda s: s.metrics.address, ("::1", 9464)),
     ],
 )
 def test_accepted_forms_are_normalised(
@@ -269,6 +272,12 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         ("source.deleted", "deleted_at", "source.deleted", None),
         ("engagelab.on_leave", "CLEAR", "engagelab.on_leave", None),
         ("engagelab.on_leave", "delete", "engagelab.on_leave", "'keep' or 'clear'"),
+        ("metrics.listen", "9464", "metrics.listen", "not HOST:PORT with a port from 1 to 65535"),
+        ("metrics.listen", "localhost:http", "metrics.listen", "(got 'localhost:http')"),
+        ("metrics.listen", "localhost:70000", "metrics.listen", "not HOST:PORT"),
+        ("metrics.listen", "localhost:0", "metrics.listen", "not HOST:PORT"),
+        ("metrics.listen", "[::1]:9464", "metrics.listen", None),
+        ("metrics.listen", "127.0.0.1:9464/metrics", "metrics.listen", "not HOST:PORT"),
     ],
 )
 def test_invalid_values_name_their_key_path(
@@ -504,3 +513,15 @@ def test_identity_and_euid_are_checked(
 
     assert where in str(error)
     assert fragment in str(error)
+
+
+def test_without_credentials_the_api_key_and_secret_are_not_read(tmp_path: Path) -> None:
+    """For commands that never call the API an unset secret variable is no error."""
+    tree = changed(minimal(), "engagelab.api_secret", "${NOT_SET_ANYWHERE}")
+    tree = changed(tree, "engagelab.api_key", DELETE)
+
+    settings = load_settings(write(tmp_path, tree), {}, credentials=False)
+
+    assert settings.name == minimal()["name"]
+    with pytest.raises(ConfigError, match="NOT_SET_ANYWHERE is not set"):
+        load_settings(write(tmp_path, tree), {})
