@@ -324,7 +324,7 @@ class Engine:
                 self._read_progress()
                 before = self._watermark
         name = self.settings.name
-        cycle = _Cycle(self, run_id, before)
+        cycle = _Cycle(self, run_id, started, before)
         self.observer.cycle_started(CycleStart(name, run_id, started, before, abandoned))
         outcome, error = RunOutcome.OK, None
         try:
@@ -379,9 +379,10 @@ class Engine:
         retry, with the action each would get."""
         reset = self.state.pending_reset()
         if reset is not None:  # applied, it starts the re-read window afresh
-            return _Cycle(self, 0, reset[0]).preview(sample, None)
+            return _Cycle(self, 0, self.clock(), reset[0]).preview(sample, None)
         progress = self.state.progress()
-        return _Cycle(self, 0, progress.watermark).preview(sample, progress.horizon)
+        cycle = _Cycle(self, 0, self.clock(), progress.watermark)
+        return cycle.preview(sample, progress.horizon)
 
 
 def default_observer(state: StateStore) -> Observer:
@@ -425,15 +426,21 @@ class _Batch:
 class _Cycle:
     """The mutable bookkeeping of one cycle (watermark so far, counters)."""
 
-    def __init__(self, engine: Engine, run_id: int, watermark: Position | None) -> None:
+    def __init__(
+        self, engine: Engine, run_id: int, started: datetime, watermark: Position | None
+    ) -> None:
         self.engine = engine
         self.run_id = run_id  # 0: a preview, which records no run
+        self.started = started
         self.watermark = watermark
         self.horizon = Horizon()
         self.held = False  # a row the watermark may not pass was met: it moves no further
         self.ahead_rows = 0  # rows read stamped ahead of the source's clock (they hold it)
         self.ahead_by: Any = None  # how far the furthest of them is ahead
         self.tally: Counter[str] = Counter()  # by CycleCounts field name
+        # Users the scan deferred (a retry pending, not due): counted when the cycle ends, so a
+        # user the retry phase then sends is counted once, by what the retry did.
+        self.deferred: set[str] = set()
         self.estimated: int | None = None  # rows the scan is expected to read, if it counted
         self.caught_up = False  # the scan read to the end of the table
 
@@ -530,7 +537,9 @@ class _Cycle:
             return
         seen: set[str] = set()
         while not stop.is_set():
-            keys = [k for k in e.state.due_retries(now, e.settings.batch_size) if k not in seen]
+            # Users this cycle already sent wait for the next: one attempt per user per cycle.
+            due = e.state.due_retries(now, e.settings.batch_size, before=self.started)
+            keys = [k for k in due if k not in seen]
             if not keys:
                 e.retries_checked()
                 return
@@ -664,7 +673,13 @@ class _Cycle:
                     e.note_retry(update.next_attempt_at)
                 elif update.status is Status.FAILED and action is Action.PUSH:
                     gave_up.append(GaveUp(key, update.euid, update.last_code, update.last_message))
-            page[_outcome(action, update.status if update else None, done)] += 1
+            outcome = _outcome(action, update.status if update else None, done)
+            if outcome is RowOutcome.DEFERRED:
+                self.deferred.add(key)
+            else:
+                page[outcome] += 1
+        if retrying and self.deferred:
+            self.deferred.difference_update(batch.keys)
         self.tally.update(page)
         self.tally["rows_read"] += len(batch.rows)
 
@@ -781,7 +796,7 @@ class _Cycle:
         self.finish(self.send([], retrying=True, mapped=gone), retrying=True)
 
     def counts(self) -> CycleCounts:
-        return CycleCounts.of(self.tally)
+        return CycleCounts.of({**self.tally, RowOutcome.DEFERRED: len(self.deferred)})
 
 
 def _settled(after: Position | None, start: Any, swept: bool) -> Callable[[SourceRow], bool]:

@@ -145,6 +145,7 @@ class Metrics:
 
     def cycle_finished(self, report: CycleReport) -> None:
         self._cycles[report.outcome].inc()
+        self._pushes[RowOutcome.DEFERRED].inc(report.counts.deferred)  # known when it ends
         self._cycle_seconds.observe(report.seconds)
         self._audit_misses.inc(report.counts.audit_misses)
         self._backlog.set(0)

@@ -139,11 +139,13 @@ class GaveUp:
 class PageReport:
     """One page recorded: its outcomes and the watermark are durable.
 
-    ``outcomes`` counts this page's rows by :class:`RowOutcome`; ``total`` is the cycle's
-    counts so far, this page included. ``retrying`` marks a page of the retry phase (rows
-    re-read for due retries) rather than of the scan. ``wrote``: the page changed the tracking
-    tables (an idle page of the lookback window does not). ``rows_estimated``: the scan's
-    estimate of the rows it will read, when it met a backlog.
+    ``outcomes`` counts this page's rows by :class:`RowOutcome`, all but ``deferred``: a user the
+    scan defers may be sent by the retry phase of the same cycle, so the cycle counts its
+    deferred users when it ends. ``total`` is the cycle's counts so far, this page included.
+    ``retrying`` marks a page of the retry phase (rows re-read for due retries) rather than of
+    the scan. ``wrote``: the page changed the tracking tables (an idle page of the lookback
+    window does not). ``rows_estimated``: the scan's estimate of the rows it will read, when it
+    met a backlog.
     """
 
     sync: str

@@ -36,8 +36,10 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    or_,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -470,15 +472,24 @@ class StateStore:
             earliest: datetime | None = connection.scalar(query)  # min() keeps the UTC type
         return earliest
 
-    def due_retries(self, now: datetime, limit: int) -> list[str]:
-        """Keys of users whose transient failure is due for another attempt, oldest first."""
+    def due_retries(
+        self, now: datetime, limit: int, *, before: datetime | None = None
+    ) -> list[str]:
+        """Keys of users whose transient failure is due for another attempt, oldest first;
+        with ``before``, only those last attempted before it (not yet in this cycle)."""
         c = sync_status.c
+        attempted = (
+            true()
+            if before is None
+            else or_(c.last_attempt_at.is_(None), c.last_attempt_at < before)
+        )
         query = (
             select(c.source_key)
             .where(
                 c.sync_name == self.sync_name,
                 c.status == Status.RETRYING.value,
                 c.next_attempt_at <= now,
+                attempted,
             )
             .order_by(c.next_attempt_at, c.source_key)
             .limit(limit)

@@ -642,3 +642,53 @@ def test_cycle_finished_says_how_long_what_and_where(world: World) -> None:
     assert (line["outcome"], line["rows_read"], line["synced"]) == ("ok", 3, 3)
     assert line["duration_s"] == report.seconds
     assert line["watermark"] is not None and line["watermark"].endswith(", 3]")
+
+
+class LaterAfterTheScan:
+    """An observer that moves the engine's clock an hour on after each scan page, as a long
+    backfill cycle's clock moves on before its retry phase."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    def cycle_started(self, start: CycleStart) -> None:
+        pass
+
+    def page_recorded(self, page: PageReport) -> None:
+        if not page.retrying:
+            self.world.clock.now += timedelta(hours=1)
+
+    def slice_audited(self, audit: AuditSlice) -> None:
+        pass
+
+    def cycle_finished(self, report: CycleReport) -> None:
+        pass
+
+
+def test_a_user_is_sent_at_most_once_a_cycle_and_counted_once(world: World) -> None:
+    """A user failing in the scan of a long cycle, due again by its retry phase, waits for the
+    next cycle: one request, counted once as retrying (cycles counted attempts, status users)."""
+    world.users.add_users(range(1, 4))
+    world.emulator.set_faults(Faults(fail_codes={1002: -1}))
+    observer = Observers(RunHistory(world.state), LaterAfterTheScan(world))
+
+    report = world.engine(observer=observer).run_cycle()
+
+    assert len(world.emulator.received(1002)) == 0 and world.requests() == 3
+    assert (report.counts.synced, report.counts.retrying) == (2, 1)
+    assert world.state.counts_by_status() == {"synced": 2, "retrying": 1}
+
+
+def test_a_deferred_user_the_retry_phase_sends_is_counted_once(world: World) -> None:
+    """A user the scan defers and the retry phase then sends counts once, by the retry's outcome."""
+    world.users.add_users(range(1, 4))
+    world.emulator.set_faults(Faults(fail_codes={1002: -1}))
+    world.cycle()
+    world.emulator.set_faults(Faults())
+    world.clock.now += timedelta(seconds=1)  # not yet due: the scan defers user 2
+    observer = Observers(RunHistory(world.state), LaterAfterTheScan(world))
+
+    report = world.engine(observer=observer).run_cycle()
+
+    assert world.emulator.received(1002) == [{"email": "user2@example.com"}]
+    assert (report.counts.deferred, report.counts.synced, report.counts.unchanged) == (0, 1, 2)
