@@ -476,12 +476,15 @@ class StateStore:
         self, now: datetime, limit: int, *, before: datetime | None = None
     ) -> list[str]:
         """Keys of users whose transient failure is due for another attempt, oldest first;
-        with ``before``, only those last attempted before it (not yet in this cycle)."""
+        with ``before``, only those not attempted since (not yet in this cycle). A user the
+        audit re-queued (an empty attempted hash) has not been sent since, whatever the times."""
         c = sync_status.c
         attempted = (
             true()
             if before is None
-            else or_(c.last_attempt_at.is_(None), c.last_attempt_at < before)
+            else or_(
+                c.last_attempt_at.is_(None), c.last_attempt_at < before, c.attempted_hash == ""
+            )
         )
         query = (
             select(c.source_key)
