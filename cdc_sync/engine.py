@@ -578,12 +578,16 @@ class _Cycle:
         now = e.clock()
         tally: Counter[str] = Counter()
         pushed: list[str] = []
+        attempted: set[str] = set()  # by the scan: the retry phase leaves them to the next cycle
         rows_read = 0
 
         def judge(rows: Sequence[SourceRow], retrying: bool) -> None:
             _, keys, _, actions = self.plan(rows, now, retrying=retrying)
             tally.update(action.name.lower() for action in actions)
-            pushed.extend(k for k, a in zip(keys, actions, strict=True) if a is Action.PUSH)
+            sent = [k for k, a in zip(keys, actions, strict=True) if a is Action.PUSH]
+            if not retrying:
+                attempted.update(sent)
+            pushed.extend(sent)
             del pushed[sample:]
 
         _, rows = e.source.first_page(*self.start(seen), size)
@@ -593,7 +597,7 @@ class _Cycle:
             if len(rows) < size:
                 break
             rows = e.source.read_page(Position(rows[-1].cursor, rows[-1].key), None, size)
-        due = e.state.due_retries(now, 1_000_000)
+        due = [k for k in e.state.due_retries(now, 1_000_000) if k not in attempted]
         for i in range(0, len(due), size):
             keys = due[i : i + size]
             judge(e.source.read_keys([e.source.key_from_text(k) for k in keys]), True)

@@ -887,6 +887,21 @@ def test_once_exits_5_when_engagelab_is_unreachable(sync: Sync) -> None:
     assert_no_traceback(result)
 
 
+def test_a_dry_run_exits_0_with_every_user_left_retrying(sync: Sync) -> None:
+    """``once --dry-run`` sends nobody, so it exits 0 even when every user is retrying and due;
+    it counts each once, as the cycle would send each once (by the scan that re-reads them)."""
+    sync.users.add_users(range(1, 6))
+    sync.write(engagelab={"base_url": "http://127.0.0.1:9"})
+    assert sync("once").returncode == 5
+    assert sync("retry").returncode == 0
+
+    preview = sync("once", "--dry-run")
+
+    assert preview.returncode == 0, preview.stdout + preview.stderr
+    assert "  read:    5 rows, 0 users due for a retry\n  push:    5\n" in preview.stdout
+    assert "  e.g.:    1, 2, 3, 4, 5\n" in preview.stdout
+
+
 def test_once_exits_4_when_a_user_fails_for_good(sync: Sync) -> None:
     """A user EngageLab refuses for good makes ``once`` exit 4; the next, clean cycle exits 0."""
     sync.users.add_users(range(1, 6))
