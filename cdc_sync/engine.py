@@ -634,6 +634,7 @@ class _Cycle:
         stored = resolver.known([v for i in leaving if (v := mapped[i].identity) is not None])
         values = [v for i in waiting if i not in leaving and (v := mapped[i].identity) is not None]
         resolution = resolver.resolve(values)
+        self.tally["registered"] += resolution.registered
         euids = stored | resolution.euids
         ready, unresolved = [], {}
         for i in sending:

@@ -41,6 +41,7 @@ class Resolution:
 
     euids: dict[str, int]
     unresolved: dict[str, ApiResult | None]
+    registered: int = 0  # values ``register`` resolved just now (the others were stored)
 
 
 def chunks(values: Sequence[str], size: int = REGISTER_LIMIT) -> list[Sequence[str]]:
@@ -99,4 +100,4 @@ class Resolver:
         calls = [self.client.registration(self.name, chunk) for chunk in sent]
         resolved = read_answers(self.name, sent, self.client.submit_calls(calls).result())
         self.state.store_identities(self.name, resolved.euids, self.clock())
-        return Resolution(known | resolved.euids, resolved.unresolved)
+        return Resolution(known | resolved.euids, resolved.unresolved, len(resolved.euids))

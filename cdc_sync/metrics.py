@@ -96,6 +96,9 @@ class Metrics:
         self._audit_misses = counter(
             "cdc_sync_audit_misses", "Users the audit found out of step and re-queued."
         ).labels(sync)
+        self._registered = counter(
+            "cdc_sync_registered_users", "Users given an EUID by register (source.identity)."
+        ).labels(sync)
         self._last_success = gauge(
             "cdc_sync_last_success_timestamp_seconds",
             "When the last cycle ended ok with nobody left retrying (Unix time; the daemon's "
@@ -148,6 +151,7 @@ class Metrics:
         self._pushes[RowOutcome.DEFERRED].inc(report.counts.deferred)  # known when it ends
         self._cycle_seconds.observe(report.seconds)
         self._audit_misses.inc(report.counts.audit_misses)
+        self._registered.inc(report.counts.registered)
         self._backlog.set(0)
         failed = report.outcome in (RunOutcome.FATAL, RunOutcome.ERROR)
         self._healthy.set(0 if failed else 1)

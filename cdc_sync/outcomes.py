@@ -76,6 +76,7 @@ class CycleCounts:
     left: int = _count(
         Unit.USERS, "left the sync (consent withdrawn, deleted): cleared in EngageLab, or recorded"
     )
+    registered: int = _count(Unit.USERS, "given an EUID by register (source.identity)")
     audit_checked: int = _count(Unit.ROWS, "compared by the audit with the tracking table")
     audit_misses: int = _count(Unit.USERS, "found out of step by the audit and re-queued")
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from cdc_sync.dburls import mask_password
 from cdc_sync.durations import format_duration
 from cdc_sync.engagelab import Credentials, judge_probe
-from cdc_sync.outcomes import CycleCounts, RunOutcome, Unit, describe
+from cdc_sync.outcomes import CycleCounts, RowOutcome, RunOutcome, describe
 from cdc_sync.outcomes import Progress as Backlog
 from cdc_sync.rules import Status
 from cdc_sync.state import HistoryEntry, Progress, RunRow, StatusView, UserStatus
@@ -260,11 +260,7 @@ def _from(position: Position | None) -> str:
 # The counts each view shows, and what it calls them.
 _LABELS = {name: name.replace("_", " ") for name in CycleCounts.names()} | {"rows_read": "read"}
 _RUN_COUNTS = [n for n in CycleCounts.names() if n != "audit_checked"]
-_CYCLE_USERS = [
-    n
-    for n in CycleCounts.names()
-    if CycleCounts.unit(n) is Unit.USERS and not n.startswith("audit")
-]
+_CYCLE_USERS = [n for n in CycleCounts.names() if n in set(RowOutcome)]  # what it did with rows
 
 
 def render_check(

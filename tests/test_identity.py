@@ -90,7 +90,7 @@ def test_every_user_is_resolved_in_calls_of_at_most_100_and_pushed(world: World)
     calls = world.emulator.register_calls()
     assert sorted(len(values) for _, values in calls) == [50, 100, 100]
     assert {name for name, _ in calls} == {"user_id"}
-    assert report.counts.synced == 250
+    assert (report.counts.synced, report.counts.registered) == (250, 250)
     assert world.emulator.contacts == {
         euid(i): {"email": f"user{i}@example.com"} for i in range(1, 251)
     }
@@ -116,6 +116,7 @@ def test_a_resolved_user_is_never_registered_again(world: World) -> None:
     assert resolved_once(world.emulator)
     assert world.emulator.received(euid(5))[-1] == {"email": "new@example.com"}
     assert (changed.counts.synced, idle.counts.synced) == (1, 0)
+    assert changed.counts.registered == 0  # its EUID was stored
     assert seen == ["INSERT", "UPDATE"]  # run start, run end: the idle poll stays cheap
 
 

@@ -32,6 +32,7 @@ OLD_AUDIT_MISSES = "users the audit found out of step and re-queued"
 OUTCOMES = "running | ok | stopped | fatal | error | abandoned"
 OLD_OUTCOMES = "running | ok | stopped | fatal | error"
 LEFT = "users: left the sync (consent withdrawn, deleted): cleared in EngageLab, or recorded"
+REGISTERED = "users: given an EUID by register (source.identity)"
 ROWS_ESTIMATED = "rows: how many the scan expected to read, estimated when it met a backlog"
 
 
@@ -57,12 +58,17 @@ def upgrade() -> None:
             )
         left = sa.Column("left", sa.Integer(), nullable=False, server_default="0", comment=LEFT)
         table.add_column(left)
+        registered = sa.Column(
+            "registered", sa.Integer(), nullable=False, server_default="0", comment=REGISTERED
+        )
+        table.add_column(registered)
         table.add_column(sa.Column("rows_estimated", sa.Integer(), comment=ROWS_ESTIMATED))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("cdc_sync_runs") as table:
         table.drop_column("rows_estimated")
+        table.drop_column("registered")
         table.drop_column("left")
         for name, comment in COMMENTS.items():
             table.alter_column(
