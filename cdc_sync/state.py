@@ -586,13 +586,11 @@ class StateStore:
             return
         for row in rows:
             self._known.pop(row["source_key"], None)
+        params: Any = rows
         if self.engine.dialect.name == "postgresql":
-            document = {"rows": json.dumps(_json_rows(rows), separators=(",", ":"))}
-            for statement in self._writes:
-                connection.execute(statement, document)
-        else:
-            for statement in self._writes:
-                connection.execute(statement, rows)
+            params = {"rows": json.dumps(_json_rows(rows), separators=(",", ":"))}
+        for statement in self._writes:
+            connection.execute(statement, params)
 
     def _write_statements(self, dialect: str) -> list[Any]:
         """What writes a page's status rows (see :meth:`_upsert_status`), built once per store.
